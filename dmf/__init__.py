@@ -1,0 +1,10 @@
+"""dmf: Dual Memory Fusion for multimodal speech emotion recognition.
+
+Importing `dmf` is cheap and torch-free: the runtime (`dmf.runtime`) and the shared preprocessing
+(`dmf.preprocess`) must work on edge installs without torch or transformers. The model
+(`dmf.model`), encoders and fusion modules import torch and are imported on demand.
+"""
+
+__version__ = "0.1.0"
+
+LABELS = ("neu", "hap", "sad", "ang")

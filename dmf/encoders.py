@@ -1,0 +1,118 @@
+"""Audio (Wav2Vec2) and text (BERT) encoders as sequence-classification models with num_labels = d.
+
+The head's output is the embedding (x_a, x_t) of DESIGN §2. Encoders come from a Hugging Face id or
+local folder (`from_pretrained`), or from a config dict alone (random init, no download). Whatever
+was loaded, its full config dict is written back into the ModelConfig so a saved checkpoint
+rebuilds without the hub.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import nn
+
+from dmf.config import ModelConfig
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Fallback alphabet so a tokenizer trained on few (or no) transcripts still covers any English text.
+ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()")
+
+
+class EncoderError(RuntimeError):
+    """An encoder could not be built or loaded; the message names the id or path."""
+
+
+def _config_from_dict(values: dict, default_type: str, num_labels: int):
+    from transformers import AutoConfig
+
+    values = dict(values)
+    model_type = values.pop("model_type", default_type)
+    for drop in ("architectures", "id2label", "label2id", "transformers_version", "num_labels"):
+        values.pop(drop, None)
+    return AutoConfig.for_model(model_type, num_labels=num_labels, **values)
+
+
+def build_audio_encoder(cfg: ModelConfig, pretrained: bool) -> tuple[nn.Module, dict]:
+    """A Wav2Vec2-family audio classifier whose head outputs `audio_dim` values; and its config dict."""
+    from transformers import AutoModelForAudioClassification
+
+    dim = cfg.audio_dim or cfg.embed_dim
+    if pretrained and cfg.audio_encoder:
+        try:
+            model = AutoModelForAudioClassification.from_pretrained(
+                cfg.audio_encoder, num_labels=dim, ignore_mismatched_sizes=True)
+        except (OSError, ValueError) as exc:
+            raise EncoderError(f"cannot load audio encoder {cfg.audio_encoder!r}: {exc}") from None
+    else:
+        config = _config_from_dict(cfg.audio_encoder_config or {}, "wav2vec2", dim)
+        model = AutoModelForAudioClassification.from_config(config)
+    if cfg.freeze_feature_encoder and hasattr(model, "freeze_feature_encoder"):
+        model.freeze_feature_encoder()  # the conv feature encoder stays frozen (paper §2.1)
+    return model, _clean_dict(model.config.to_dict())
+
+
+def build_text_encoder(cfg: ModelConfig, vocab_size: int | None, pretrained: bool) -> tuple[nn.Module, dict]:
+    """A BERT-family sequence classifier with `text_dim` outputs, eager attention (exportable)."""
+    from transformers import AutoModelForSequenceClassification
+
+    dim = cfg.text_dim or cfg.embed_dim
+    if pretrained and cfg.text_encoder:
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                cfg.text_encoder, num_labels=dim, ignore_mismatched_sizes=True, attn_implementation="eager")
+        except (OSError, ValueError) as exc:
+            raise EncoderError(f"cannot load text encoder {cfg.text_encoder!r}: {exc}") from None
+    else:
+        values = dict(cfg.text_encoder_config or {})
+        if vocab_size is not None:
+            values["vocab_size"] = vocab_size
+        config = _config_from_dict(values, "bert", dim)
+        config._attn_implementation = "eager"  # SDPA graphs defeat ORT's attention fusion (DESIGN §4)
+        model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    if cfg.freeze_text_embeddings:
+        base = getattr(model, model.base_model_prefix, model)
+        for param in base.embeddings.parameters():
+            param.requires_grad_(False)
+    return model, _clean_dict(model.config.to_dict())
+
+
+def _clean_dict(values: dict) -> dict:
+    """Config dict minus what is rebuilt anyway (labels) or is not JSON-portable."""
+    drop = {"id2label", "label2id", "transformers_version", "architectures", "_name_or_path", "torch_dtype",
+            "dtype", "_attn_implementation_autoset", "num_labels", "problem_type"}
+    return {k: v for k, v in values.items() if k not in drop and not k.startswith("_")}
+
+
+def build_tokenizer(cfg: ModelConfig, texts: Iterable[str] | None = None, vocab_size: int = 2000):
+    """The text encoder's tokenizer: from the hub id/folder, or a WordPiece vocabulary trained on
+    `texts` (random-init encoders have none) wrapped as a BERT tokenizer."""
+    from transformers import AutoTokenizer, BertTokenizer
+
+    if cfg.text_encoder and cfg.text_encoder_config is None:
+        try:
+            return AutoTokenizer.from_pretrained(cfg.text_encoder)
+        except (OSError, ValueError) as exc:
+            raise EncoderError(f"cannot load tokenizer {cfg.text_encoder!r}: {exc}") from None
+    return BertTokenizer(vocab=train_wordpiece_vocab(texts or [], vocab_size))
+
+
+def train_wordpiece_vocab(texts: Iterable[str], vocab_size: int) -> dict[str, int]:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=ALPHABET, show_progress=False)
+    tokenizer.train_from_iterator(list(texts) or [" ".join(ALPHABET)], trainer)
+    return tokenizer.get_vocab()
+
+
+def build_feature_extractor(cfg: ModelConfig):
+    """The audio feature extractor that travels with a checkpoint (normalisation contract)."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=cfg.sample_rate, padding_value=0.0,
+        do_normalize=cfg.do_normalize, return_attention_mask=False)

@@ -1,0 +1,265 @@
+"""The dual memory fusion module (paper §2.2, DESIGN §2): reader, composer, writer, memory, baselines.
+
+Exportability is a switch, not a patch: `CompactBilinearPooling.use_dft_matrices` selects the
+DFT-matrix form (plain MatMuls, no FFT op) that ONNX/TensorRT need; the reader's eval path is the
+deterministic softmax. `DMFModel.exportable()` flips the switch on every submodule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmf.config import ModelConfig
+
+
+class CompactBilinearPooling(nn.Module):
+    """Compact bilinear pooling (Gao et al. 2016) of two d-dim vectors into D dims.
+
+    CBP(x, y)_k = sum_ij x_i y_j s1_i s2_j [h1(i) + h2(j) = k mod D], i.e. the circular convolution
+    of two count sketches, computed as irfft(rfft(Ψ1 x) * rfft(Ψ2 y)). The sketches come from a
+    fixed seed and are buffers, so the DFT can be folded into constant matrices for export.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, seed: int = 0):
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.use_dft_matrices = False  # export switch: MatMul-only form, numerically equal
+        gen = torch.Generator().manual_seed(seed)
+        for name in ("1", "2"):
+            h = torch.randint(out_dim, (in_dim,), generator=gen)
+            s = torch.randint(2, (in_dim,), generator=gen).float() * 2 - 1
+            sketch = torch.zeros(in_dim, out_dim)
+            sketch[torch.arange(in_dim), h] = s
+            self.register_buffer(f"hash{name}", h)  # (d,) bucket of each input dim
+            self.register_buffer(f"sign{name}", s)  # (d,) ±1
+            self.register_buffer(f"sketch{name}", sketch)  # (d, D) dense count-sketch matrix
+        fwd1, fwd2, inv = self._dft_matrices()
+        self.register_buffer("dft1", fwd1, persistent=False)  # (d, 2K) sketch1 folded into rDFT
+        self.register_buffer("dft2", fwd2, persistent=False)  # (d, 2K)
+        self.register_buffer("idft", inv, persistent=False)  # (2K, D) inverse one-sided DFT
+
+    def _dft_matrices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # float64 while folding so the product matches the FFT form to float32 rounding
+        D = self.out_dim
+        K = D // 2 + 1
+        n = torch.arange(D, dtype=torch.float64)
+        k = torch.arange(K, dtype=torch.float64)
+        angle = 2 * math.pi * torch.outer(n, k) / D  # (D, K)
+        fwd = torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1)  # (D, 2K): rfft as a matrix
+        weight = torch.full((K,), 2.0, dtype=torch.float64)
+        weight[0] = 1.0
+        weight[-1] = 1.0  # D even: the Nyquist bin appears once
+        inv = torch.cat([torch.cos(angle.T) * weight[:, None], -torch.sin(angle.T) * weight[:, None]], dim=0) / D
+        fwd1 = (self.sketch1.double() @ fwd).float()
+        fwd2 = (self.sketch2.double() @ fwd).float()
+        return fwd1, fwd2, inv.float()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x, y: (B, d) -> (B, D)."""
+        if self.use_dft_matrices:
+            return self._forward_dft(x, y)
+        fx = torch.fft.rfft(x @ self.sketch1, dim=-1)
+        fy = torch.fft.rfft(y @ self.sketch2, dim=-1)
+        return torch.fft.irfft(fx * fy, n=self.out_dim, dim=-1)
+
+    def _forward_dft(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        K = self.out_dim // 2 + 1
+        fx = x @ self.dft1  # (B, 2K) = [real | imag]
+        fy = y @ self.dft2
+        xr, xi = fx[:, :K], fx[:, K:]
+        yr, yi = fy[:, :K], fy[:, K:]
+        prod = torch.cat([xr * yr - xi * yi, xr * yi + xi * yr], dim=1)  # (B, 2K) complex product
+        return prod @ self.idft  # (B, D)
+
+
+class MemoryReader(nn.Module):
+    """Cross-modal read: one modality's embedding attends over the OTHER modality's memory.
+
+    s = x @ M^T (B, n); tau = clamp(|Linear_{n->1}(s)|, tau_min, tau_max) per sample;
+    weights = Gumbel-softmax(s, tau) in training, softmax(s / tau) in eval/export; read = weights @ M.
+    """
+
+    def __init__(self, slots: int, tau_min: float, tau_max: float):
+        super().__init__()
+        self.temperature = nn.Linear(slots, 1)
+        self.tau_min, self.tau_max = tau_min, tau_max
+
+    def read_weights(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """x: (B, d), memory: (n, d) -> attention weights (B, n), rows sum to 1."""
+        scores = x @ memory.T  # (B, n)
+        tau = self.temperature(scores).abs().clamp(self.tau_min, self.tau_max)  # (B, 1)
+        if self.training:
+            # Gumbel(0, 1) noise; clamping keeps log(-log(u)) finite at u in {0, 1}
+            u = torch.rand_like(scores).clamp(1e-10, 1.0 - 1e-7)
+            scores = scores - torch.log(-torch.log(u))
+        return torch.softmax(scores / tau, dim=-1)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.read_weights(x, memory) @ memory  # (B, d)
+
+    def temperature_of(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.temperature(x @ memory.T).abs().clamp(self.tau_min, self.tau_max)  # (B, 1)
+
+
+class TokenSelfAttention(nn.Module):
+    """Self-attention over a D vector read as T tokens of D/T, with a residual; flattened back."""
+
+    def __init__(self, dim: int, tokens: int, heads: int):
+        super().__init__()
+        self.tokens = tokens
+        self.attention = nn.MultiheadAttention(dim // tokens, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, D = x.shape
+        seq = x.reshape(B, self.tokens, D // self.tokens)  # (B, T, D/T)
+        attended, _ = self.attention(seq, seq, seq, need_weights=False)
+        return (seq + attended).reshape(B, D)
+
+
+class Composer(nn.Module):
+    """Shared CBP -> per-branch self-attention + BatchNorm -> average (paper Eq. 3)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cbp = CompactBilinearPooling(cfg.embed_dim, cfg.cbp_dim, cfg.cbp_seed)
+        self.attention1 = TokenSelfAttention(cfg.cbp_dim, cfg.attention_tokens, cfg.attention_heads)
+        self.attention2 = TokenSelfAttention(cfg.cbp_dim, cfg.attention_tokens, cfg.attention_heads)
+        self.norm1 = nn.BatchNorm1d(cfg.cbp_dim)
+        self.norm2 = nn.BatchNorm1d(cfg.cbp_dim)
+
+    def forward(self, x_a, x_at, x_ta, x_t) -> torch.Tensor:
+        p1 = self.cbp(x_a, x_at)  # (B, D); order of audio and text kept
+        p2 = self.cbp(x_ta, x_t)
+        return (self.norm1(self.attention1(p1)) + self.norm2(self.attention2(p2))) / 2
+
+
+class TopKPool(nn.Module):
+    """Differentiable top-k pooling (Graph U-Nets gPool): score y = E p / ||p||, keep the k best
+    rows, each scaled by sigmoid(y) so the projection p receives gradients."""
+
+    def __init__(self, dim: int, k: int):
+        super().__init__()
+        self.k = k
+        self.projection = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows: (N, d), N >= k -> (k, d)."""
+        scores = rows @ self.projection / self.projection.norm()  # (N,)
+        top, index = torch.topk(scores, self.k)
+        return rows[index] * torch.sigmoid(top)[:, None]
+
+
+class MemoryWriter(nn.Module):
+    """New memory state from the old one and a mini-batch, treated as one sequence of n + m slots."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.transform = nn.TransformerEncoderLayer(
+            cfg.embed_dim, cfg.writer_heads, cfg.writer_ff_dim, dropout=0.0, batch_first=True)
+        self.pool = TopKPool(cfg.embed_dim, cfg.memory_slots)
+
+    def forward(self, memory: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """memory: (n, d), batch: (m, d) -> new memory (n, d)."""
+        expanded = torch.cat([memory, batch], dim=0)[None]  # (1, n+m, d)
+        return self.pool(self.transform(expanded)[0])
+
+
+def memory_similarity(memory: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity over the upper triangle (i < j) of an (n, d) memory: a scalar."""
+    unit = F.normalize(memory, dim=-1)
+    sim = unit @ unit.T  # (n, n)
+    n = memory.shape[0]
+    i, j = torch.triu_indices(n, n, offset=1, device=memory.device)
+    return sim[i, j].mean()
+
+
+class DualMemoryFusion(nn.Module):
+    """Two memory blocks (buffers, not parameters), two cross-modal readers, composer, two writers.
+
+    Training forward computes the new memory states and keeps them pending; they are written into
+    the buffers at the start of the next training forward (paper: "assign it back ... at the
+    beginning of the next iteration"). Eval never writes memory.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        gen = torch.Generator().manual_seed(cfg.cbp_seed + 1)
+        for name in ("memory_audio", "memory_text"):
+            slots = torch.empty(cfg.memory_slots, cfg.embed_dim)
+            nn.init.xavier_normal_(slots, gain=1.0, generator=gen)
+            self.register_buffer(name, slots)  # (n, d) M_a / M_t
+        self.read_text = MemoryReader(cfg.memory_slots, cfg.read_temperature_min, cfg.read_temperature_max)
+        self.read_audio = MemoryReader(cfg.memory_slots, cfg.read_temperature_min, cfg.read_temperature_max)
+        self.composer = Composer(cfg)
+        self.write_audio = MemoryWriter(cfg)
+        self.write_text = MemoryWriter(cfg)
+        self.pending_memory: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.out_dim = cfg.cbp_dim
+
+    def commit_pending_memory(self) -> bool:
+        """Write the pending new memory into the buffers; True when there was one."""
+        if self.pending_memory is None:
+            return False
+        with torch.no_grad():
+            self.memory_audio.copy_(self.pending_memory[0])
+            self.memory_text.copy_(self.pending_memory[1])
+        self.pending_memory = None
+        return True
+
+    def forward(self, x_a: torch.Tensor, x_t: torch.Tensor):
+        """x_a, x_t: (B, d) -> fused (B, D), plus the new memories (n, d) each in training."""
+        if self.training:
+            self.commit_pending_memory()
+        x_at = self.read_text(x_a, self.memory_text)  # text memory read with the audio embedding
+        x_ta = self.read_audio(x_t, self.memory_audio)
+        fused = self.composer(x_a, x_at, x_ta, x_t)
+        if not self.training:
+            return fused, None
+        new_memory = self.write_memories(x_a.detach(), x_t.detach())
+        self.pending_memory = (new_memory[0].detach(), new_memory[1].detach())
+        return fused, new_memory
+
+    def write_memories(self, batch_audio: torch.Tensor, batch_text: torch.Tensor):
+        """The writer sees detached embeddings: it learns only through the similarity loss."""
+        return (self.write_audio(self.memory_audio, batch_audio),
+                self.write_text(self.memory_text, batch_text))
+
+
+class ConcatFusion(nn.Module):
+    """Baselines: naive concatenation of x_a and x_t, or one modality alone."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.mode = cfg.fusion
+        self.out_dim = cfg.embed_dim * (2 if cfg.fusion == "naive" else 1)
+
+    def forward(self, x_a: torch.Tensor, x_t: torch.Tensor):
+        if self.mode == "audio":
+            return x_a, None
+        if self.mode == "text":
+            return x_t, None
+        return torch.cat([x_a, x_t], dim=-1), None
+
+
+class Classifier(nn.Module):
+    """x_f -> hidden (1024 -> 512, ReLU, dropout) -> log-probabilities over the classes."""
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], num_labels: int, dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_dim, width), nn.ReLU(), nn.Dropout(dropout)]
+            in_dim = width
+        layers.append(nn.Linear(in_dim, num_labels))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.mlp(x), dim=-1)  # (B, num_labels)
+
+
+def build_fusion(cfg: ModelConfig) -> nn.Module:
+    return DualMemoryFusion(cfg) if cfg.fusion == "memory" else ConcatFusion(cfg)
