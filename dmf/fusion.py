@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmf.config import ModelConfig
+from dmf.distributed import GlobalBatchNorm1d, gather_batch
 
 
 class CompactBilinearPooling(nn.Module):
@@ -128,8 +129,8 @@ class Composer(nn.Module):
         self.cbp = CompactBilinearPooling(cfg.embed_dim, cfg.cbp_dim, cfg.cbp_seed)
         self.attention1 = TokenSelfAttention(cfg.cbp_dim, cfg.attention_tokens, cfg.attention_heads)
         self.attention2 = TokenSelfAttention(cfg.cbp_dim, cfg.attention_tokens, cfg.attention_heads)
-        self.norm1 = nn.BatchNorm1d(cfg.cbp_dim)
-        self.norm2 = nn.BatchNorm1d(cfg.cbp_dim)
+        self.norm1 = GlobalBatchNorm1d(cfg.cbp_dim)  # statistics of the global batch under DDP
+        self.norm2 = GlobalBatchNorm1d(cfg.cbp_dim)
 
     def forward(self, x_a, x_at, x_ta, x_t) -> torch.Tensor:
         p1 = self.cbp(x_a, x_at)  # (B, D); order of audio and text kept
@@ -224,9 +225,10 @@ class DualMemoryFusion(nn.Module):
         return fused, new_memory
 
     def write_memories(self, batch_audio: torch.Tensor, batch_text: torch.Tensor):
-        """The writer sees detached embeddings: it learns only through the similarity loss."""
-        return (self.write_audio(self.memory_audio, batch_audio),
-                self.write_text(self.memory_text, batch_text))
+        """The writer sees detached embeddings (it learns only through the similarity loss) of the
+        GLOBAL batch: under DDP every rank computes the same new memory, so memories never drift."""
+        return (self.write_audio(self.memory_audio, gather_batch(batch_audio)),
+                self.write_text(self.memory_text, gather_batch(batch_text)))
 
 
 class ConcatFusion(nn.Module):
