@@ -1,0 +1,253 @@
+"""Input preprocessing shared by training and the runtime: audio clips and transcripts to arrays.
+
+Torch-free on purpose (numpy, soundfile, soxr, tokenizers only): the edge runtime imports this
+module, and training imports the same functions, so both feed the model identical numbers.
+
+Audio: decode -> mono -> resample to 16 kHz -> first 5 s, zero-padded -> zero mean / unit variance
+over the padded clip. This is what `Wav2Vec2FeatureExtractor(do_normalize=True)` gives with
+`padding="max_length", truncation=True` and no attention mask (DESIGN §2).
+Text: `tokenizer.json` -> input_ids / attention_mask padded and truncated to `max_tokens`, as a
+BERT fast tokenizer called with `padding="max_length", truncation=True` gives.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from pathlib import Path
+from typing import IO, Union
+
+import numpy as np
+import soundfile as sf
+import soxr
+from tokenizers import Tokenizer
+
+AudioSource = Union[str, Path, bytes, bytearray, memoryview, IO[bytes], np.ndarray]
+
+NORM_EPS = 1e-7  # the feature extractor's epsilon: keeps silence finite (0 / sqrt(1e-7) = 0)
+
+
+class AudioError(ValueError):
+    """Audio that cannot be decoded or used; the one-line message names the source and the problem."""
+
+
+class TextError(ValueError):
+    """A transcript that cannot be used; the one-line message names the field and the problem."""
+
+
+# --------------------------------------------------------------------------------------------- audio
+
+
+def _source_name(source: object) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    return str(getattr(source, "name", "<stream>"))
+
+
+def _wav_truncation(fh: IO[bytes]) -> str | None:
+    """Why a RIFF/WAVE stream is truncated, or None. libsndfile silently shortens such files
+    (it trusts the bytes present over the header), so a cut upload would otherwise pass as a
+    shorter clip. Non-WAV streams and streaming headers (size 0 / 0xFFFFFFFF) are not judged."""
+    start = fh.tell()
+    try:
+        end = fh.seek(0, os.SEEK_END)
+        fh.seek(start)
+        head = fh.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        while True:
+            chunk = fh.read(8)
+            if len(chunk) < 8:
+                return "no data chunk (truncated WAV)"
+            cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"data":
+                left = end - fh.tell()
+                if size not in (0, 0xFFFFFFFF) and size > left:
+                    return f"truncated WAV: data chunk declares {size} bytes, {left} present"
+                return None
+            fh.seek(size + (size & 1), os.SEEK_CUR)
+    finally:
+        fh.seek(start)
+
+
+def _open_binary(source: AudioSource) -> tuple[IO[bytes], bool]:
+    """A seekable binary stream for `source` and whether we own (must close) it."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(source)), True
+    if isinstance(source, (str, Path)):
+        return open(source, "rb"), True
+    if hasattr(source, "read"):
+        if not (hasattr(source, "seekable") and source.seekable()):
+            return io.BytesIO(source.read()), True  # soundfile needs to seek; buffer the stream
+        return source, False
+    raise AudioError(f"unsupported audio source type {type(source).__name__}: expected a path, bytes, "
+                     "a binary file object or a numpy array")
+
+
+def load_audio(source: AudioSource, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+    """Decode audio. Returns (data, rate): float32 data of shape (frames,) or (frames, channels).
+
+    `source` is a path, bytes, a binary file object, or a numpy array (then `sample_rate` is
+    required and the array is returned as float32). Raises AudioError naming the source."""
+    if isinstance(source, np.ndarray):
+        if sample_rate is None:
+            raise AudioError("sample_rate is required when audio is given as a numpy array")
+        return _as_float32(source), int(sample_rate)
+    name = _source_name(source)
+    try:
+        fh, owned = _open_binary(source)
+    except OSError as exc:
+        raise AudioError(f"{name}: cannot open audio file: {exc.strerror or exc}") from None
+    try:
+        problem = _wav_truncation(fh)
+        if problem:
+            raise AudioError(f"{name}: {problem}")
+        data, rate = sf.read(fh, dtype="float32", always_2d=False)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        detail = str(exc).split(":")[-1].strip() or type(exc).__name__
+        raise AudioError(f"{name}: not readable audio ({detail})") from None
+    finally:
+        if owned:
+            fh.close()
+    return data, int(rate)
+
+
+def _as_float32(data: np.ndarray) -> np.ndarray:
+    """Integer PCM is scaled to [-1, 1) as soundfile would; floats are cast."""
+    if np.issubdtype(data.dtype, np.integer):
+        return (data.astype(np.float64) / -float(np.iinfo(data.dtype).min)).astype(np.float32)
+    if not np.issubdtype(data.dtype, np.floating):
+        raise AudioError(f"audio array has dtype {data.dtype}: expected float or integer PCM")
+    return data.astype(np.float32, copy=False)
+
+
+def _to_mono(data: np.ndarray) -> np.ndarray:
+    """(frames,) or (frames, channels) -> (frames,) by the mean over channels."""
+    data = _as_float32(np.asarray(data))
+    if data.ndim == 2:
+        return data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if data.ndim != 1:
+        raise AudioError(f"audio array has shape {data.shape}: expected (frames,) or (frames, channels)")
+    return data
+
+
+def _check_audio(mono: np.ndarray, sample_rate: int, min_seconds: float, max_seconds: float | None) -> None:
+    if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise AudioError(f"sample rate {sample_rate!r} is invalid: expected a positive integer")
+    if mono.size == 0:
+        raise AudioError("audio is empty (0 samples)")
+    seconds = mono.size / sample_rate
+    if seconds < min_seconds:
+        raise AudioError(f"audio is {seconds:.3f} s long, shorter than the {min_seconds} s minimum")
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioError(f"audio is {seconds:.1f} s long, longer than the {max_seconds} s maximum")
+    if not np.isfinite(mono).all():
+        kind = "NaN" if np.isnan(mono).any() else "Inf"
+        raise AudioError(f"audio contains {kind} samples")
+
+
+def normalize_audio(x: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance over the whole (padded) clip, as Wav2Vec2FeatureExtractor does."""
+    return ((x - x.mean()) / np.sqrt(x.var() + NORM_EPS)).astype(np.float32)
+
+
+def prepare_audio(data: np.ndarray, sample_rate: int, *, target_rate: int = 16000, num_samples: int = 80000,
+                  normalize: bool = True, min_seconds: float = 0.1,
+                  max_seconds: float | None = None) -> np.ndarray:
+    """Decoded audio (frames,) or (frames, channels) -> model input of shape (num_samples,) float32.
+
+    Mono down-mix, resample to `target_rate` (soxr), keep the first `num_samples`, zero-pad at
+    the end, then (if `normalize`) zero mean / unit variance over the padded clip."""
+    mono = _to_mono(data)
+    _check_audio(mono, sample_rate, min_seconds, max_seconds)
+    if sample_rate != target_rate:
+        mono = soxr.resample(mono, sample_rate, target_rate).astype(np.float32, copy=False)
+    out = np.zeros(num_samples, dtype=np.float32)
+    keep = min(num_samples, mono.shape[0])
+    out[:keep] = mono[:keep]
+    return normalize_audio(out) if normalize else out
+
+
+def preprocess_audio(source: AudioSource, sample_rate: int | None = None, **prepare_kwargs) -> np.ndarray:
+    """load_audio + prepare_audio: any source -> (num_samples,) float32. Errors name the source."""
+    data, rate = load_audio(source, sample_rate)
+    try:
+        return prepare_audio(data, rate, **prepare_kwargs)
+    except AudioError as exc:
+        if isinstance(source, np.ndarray):
+            raise
+        raise AudioError(f"{_source_name(source)}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+def validate_text(text: object, *, field: str = "text", max_chars: int = 2000) -> str:
+    """A usable transcript or TextError. Bytes must be UTF-8. Text longer than `max_chars` is cut
+    (only `max_tokens` tokens are used anyway, and it bounds tokenisation time)."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError:
+            raise TextError(f"{field}: text is not valid UTF-8") from None
+    if not isinstance(text, str):
+        raise TextError(f"{field}: expected a string, got {type(text).__name__}")
+    if not text.strip():
+        raise TextError(f"{field}: text is empty")
+    return text[:max_chars]
+
+
+def _find_pad(tokenizer: Tokenizer) -> tuple[int, str]:
+    padding = tokenizer.padding
+    if padding and padding.get("pad_token") is not None:
+        return int(padding["pad_id"]), str(padding["pad_token"])
+    pad_id = tokenizer.token_to_id("[PAD]")
+    if pad_id is None:
+        raise TextError("tokenizer has no pad token: no '[PAD]' in its vocabulary and no padding config")
+    return pad_id, "[PAD]"
+
+
+class TextEncoder:
+    """Transcripts -> (input_ids, attention_mask), each int64 (B, max_tokens), from a tokenizer.json."""
+
+    def __init__(self, tokenizer: Tokenizer, max_tokens: int = 30, *, max_chars: int = 2000) -> None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens = {max_tokens} is invalid: expected an integer >= 1")
+        # A private copy: enabling padding/truncation must not change the caller's tokenizer.
+        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        self.max_tokens = max_tokens
+        self.max_chars = max_chars
+        self.pad_id, self.pad_token = _find_pad(self.tokenizer)
+        # The same settings transformers' fast tokenizer applies for padding="max_length", truncation=True.
+        self.tokenizer.enable_truncation(max_length=max_tokens, stride=0, strategy="longest_first",
+                                         direction="right")
+        self.tokenizer.enable_padding(direction="right", pad_id=self.pad_id, pad_type_id=0,
+                                      pad_token=self.pad_token, length=max_tokens)
+
+    @classmethod
+    def from_file(cls, path: str | Path, max_tokens: int = 30, **kwargs) -> "TextEncoder":
+        """Load a `tokenizer.json` (or a folder holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for missing/malformed files
+            raise ValueError(f"{path}: cannot load tokenizer: {str(exc).splitlines()[0]}") from None
+        return cls(tokenizer, max_tokens, **kwargs)
+
+    def encode(self, texts: list[str] | str) -> tuple[np.ndarray, np.ndarray]:
+        """A batch of B transcripts (a single str is a batch of one) -> input_ids, attention_mask,
+        each int64 of shape (B, max_tokens). Raises TextError naming the bad item."""
+        if isinstance(texts, (str, bytes, bytearray)):
+            texts = [texts]
+        clean = [validate_text(t, field=f"text[{i}]", max_chars=self.max_chars) for i, t in enumerate(texts)]
+        if not clean:
+            raise TextError("texts: the batch is empty")
+        encodings = self.tokenizer.encode_batch(clean)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        return ids, mask
