@@ -102,7 +102,7 @@ class DataConfig:
 
     path: str | None = None  # corpus root (IEMOCAP tree) or manifest file
     format: str = "auto"  # auto | iemocap | manifest
-    val_fraction: float = 0.1  # validation split carved from the training sessions, per speaker
+    val_fraction: float = 0.1  # validation split carved from the training sessions, stratified by label
     seed: int = 0  # seed of the validation split
 
     def __post_init__(self) -> None:
@@ -229,7 +229,7 @@ def preset(name: str, **model_overrides: Any) -> DMFConfig:
             writer_heads=2, writer_ff_dim=64, classifier_hidden=(64, 32), dropout=0.1,
         )
         base.update(model_overrides)
-        train = TrainConfig(optimizer="adamw", lr=2e-3, memory_lr=2e-3, epochs=6, batch_size=16, patience=3)
+        train = TrainConfig(optimizer="adamw", lr=2e-3, memory_lr=2e-3, epochs=30, batch_size=16, patience=8)
         return DMFConfig(model=ModelConfig(**base), train=train)
     raise ConfigError(f"unknown preset {name!r}: expected one of {PRESETS}")
 
@@ -240,6 +240,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -248,6 +249,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:

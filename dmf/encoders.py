@@ -98,15 +98,21 @@ def build_tokenizer(cfg: ModelConfig, texts: Iterable[str] | None = None, vocab_
 
 
 def train_wordpiece_vocab(texts: Iterable[str], vocab_size: int) -> dict[str, int]:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A WordPiece vocabulary that is a pure function of `texts`: special tokens, every character
+    (as word start and as ##continuation, so any text tokenises), then whole words by (-count, word).
+    (tokenizers' WordPieceTrainer breaks frequency ties in hash order: other ids on every call,
+    so equal seeds would not give equal runs.)"""
+    from collections import Counter
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=ALPHABET, show_progress=False)
-    tokenizer.train_from_iterator(list(texts) or [" ".join(ALPHABET)], trainer)
-    return tokenizer.get_vocab()
+    from tokenizers import normalizers, pre_tokenizers
+
+    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+    chars = sorted(set(ALPHABET) | {c for word in counts for c in word})
+    base = list(SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars]
+    known = set(base)
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in known]
+    return {token: i for i, token in enumerate((base + words)[:max(vocab_size, len(base))])}
 
 
 def build_feature_extractor(cfg: ModelConfig):

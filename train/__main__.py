@@ -1,0 +1,11 @@
+"""`python -m dmf.train --data ... --out ...`: the `dmf train` command on its own (e.g. for torchrun)."""
+
+import typer
+
+from dmf.train.cli import register
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+register(app)
+
+if __name__ == "__main__":
+    app()

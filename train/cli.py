@@ -1,0 +1,161 @@
+"""`dmf train`: LOSO training from the command line (also `python -m dmf.train`).
+
+Config precedence: preset < --config file < explicit flags. Library errors (ConfigError, DataError,
+CheckpointError, AudioError, ...) become one red `error: ...` line on stderr and exit code 2.
+torch is imported inside the command, so `dmf --help` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from dmf.config import ConfigError, DMFConfig, preset
+
+SECTIONS = ("model", "data", "train")
+
+
+def _fail(exc: Exception) -> None:
+    """One red line on stderr, exit code 2."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    Console(stderr=True).print(f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def parse_folds(fold: str) -> list[int] | None:
+    """'all' -> None (every session); '3' -> [3]; '1,2' -> [1, 2]. Range is checked against the corpus."""
+    if fold.strip().lower() == "all":
+        return None
+    try:
+        return [int(part) for part in fold.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--fold {fold!r}: expected a session number (1..5), a comma list or 'all'") from None
+
+
+def _merge(base: dict, layer: dict, source: str) -> dict:
+    """Overlay a (partial) config dict on `base`, section by section."""
+    if not isinstance(layer, dict):
+        raise ConfigError(f"{source}: expected a JSON object with sections {SECTIONS}")
+    unknown = set(layer) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown config section(s) {sorted(unknown)}; expected {SECTIONS}")
+    merged = {name: dict(base.get(name, {})) for name in SECTIONS}
+    for name, values in layer.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{name}' must be an object")
+        merged[name].update(values)
+    return merged
+
+
+def _read_config_file(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not readable JSON: {exc}") from None
+
+
+def _flag_layer(flags: dict) -> dict:
+    """Explicit flags as a partial config; an encoder flag also drops the preset's encoder config
+    (so the id/path is loaded rather than a random-init architecture)."""
+    sections = {
+        "model": {"fusion": flags["fusion"], "audio_encoder": flags["audio_encoder"],
+                  "text_encoder": flags["text_encoder"]},
+        "data": {"path": flags["data"], "format": flags["format"], "seed": flags["seed"]},
+        "train": {"epochs": flags["epochs"], "batch_size": flags["batch_size"], "optimizer": flags["optimizer"],
+                  "lr": flags["lr"], "seed": flags["seed"]},
+    }
+    layer = {name: {k: v for k, v in values.items() if v is not None} for name, values in sections.items()}
+    for kind in ("audio", "text"):
+        if flags[f"{kind}_encoder"] is not None:
+            layer["model"][f"{kind}_encoder_config"] = None
+    return layer
+
+
+def build_config(preset_name: str, config_file: Path | None, flags: dict) -> DMFConfig:
+    """preset < config file < explicit flags (None = not given)."""
+    merged = preset(preset_name).to_dict()
+    if config_file is not None:
+        merged = _merge(merged, _read_config_file(config_file), str(config_file))
+    merged = _merge(merged, _flag_layer(flags), "flags")
+    return DMFConfig.from_dict(merged)
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"results in {out}")
+    for column in ("fold", "test", "n", "WA %", "UA %", "macro F1", "utt/s"):
+        table.add_column(column, justify="right")
+    rows = [(k, f["test_session"], f) for k, f in summary["folds"].items()]
+    rows.append(("pooled", "", summary["pooled"]))
+    for key, session, m in rows:
+        speed = f"{m['utterances_per_s']:.1f}" if "utterances_per_s" in m else ""
+        table.add_row(key, session, str(m["n_test"]), f"{100 * m['wa']:.1f}", f"{100 * m['ua']:.1f}",
+                      f"{m['macro_f1']:.3f}", speed)
+    Console().print(table)
+    Console().print(f"report: {out / 'report.md'}")
+
+
+def _run(flags: dict, preset_name: str, config_file: Path | None, fold: str, out: Path,
+         checkpoint_every: int, progress: bool) -> dict:
+    from dmf.data.corpus import load_corpus
+    from dmf.train.loso import run_training
+    from dmf.train.trainer import FitOptions
+
+    config = build_config(preset_name, config_file, flags)
+    folds = parse_folds(fold)
+    if checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every {checkpoint_every}: expected an integer >= 0")
+    corpus = load_corpus(config.data.path, config.data.format, labels=config.model.labels)
+    options = FitOptions(progress=progress, checkpoint_every=checkpoint_every,
+                         log=lambda line: Console().print(line, highlight=False))
+    return run_training(config, corpus, out, folds, options=options)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What a user can cause (bad option, corpus, checkpoint, disk); anything else is a bug: traceback."""
+    from dmf.data.corpus import DataError
+    from dmf.encoders import EncoderError
+    from dmf.model import CheckpointError
+    from dmf.preprocess import AudioError, TextError
+
+    return (ConfigError, DataError, AudioError, TextError, CheckpointError, EncoderError, OSError)
+
+
+def train(
+    data: Path = typer.Option(..., "--data", help="Corpus: IEMOCAP root (Session1..5/) or manifest (.csv/.jsonl)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (fold checkpoints, metrics, report)."),
+    format: Optional[str] = typer.Option(None, "--format", help="auto | iemocap | manifest."),
+    fold: str = typer.Option("all", "--fold", help="Held-out session 1..5, a comma list, or 'all'."),
+    fusion: Optional[str] = typer.Option(None, "--fusion", help="memory | naive | audio | text."),
+    preset_name: str = typer.Option("paper", "--preset", help="paper | tiny (random-init toy encoders)."),
+    audio_encoder: Optional[str] = typer.Option(None, "--audio-encoder", help="HF id or folder of a Wav2Vec2 model."),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="HF id or folder of a BERT model."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs per fold."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Utterances per step."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd | adamw."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Network learning rate."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seeds training and the validation split."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="JSON config (partial sections allowed)."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between resume states; 0: epoch ends."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Train and evaluate leave-one-session-out folds; re-running the same command resumes."""
+    flags = dict(data=str(data), format=format, fusion=fusion, audio_encoder=audio_encoder,
+                 text_encoder=text_encoder, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                 lr=lr, seed=seed)
+    try:
+        summary = _run(flags, preset_name, config_file, fold, out, checkpoint_every, progress)
+    except _user_errors() as exc:
+        _fail(exc)
+    _print_summary(summary, out)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)

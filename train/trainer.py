@@ -1,0 +1,350 @@
+"""Training of one LOSO fold: optimiser, loop, validation, best checkpoint, early stopping, resume.
+
+The fold folder is a complete checkpoint (`DMFModel.save_pretrained`) of the best validation UA.
+A resume state lives in `fold_dir/_resume/`: each save is a fresh sub-folder (model checkpoint +
+`state.pt` with optimizer, counters, RNG states, pending memory), published by atomically
+rewriting `latest.json`, so a kill at any instant leaves the previous state usable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dmf.config import DMFConfig, TrainConfig, atomic_write_text
+from dmf.model import CheckpointError, DMFModel, dmf_loss, parameter_groups
+from dmf.train.dataset import AudioCache, Batchable, FoldSplit, encode_utterances
+from dmf.train.metrics import compute_metrics
+
+RESUME_DIR = "_resume"
+RESUME_FORMAT = "dmf-resume-1"
+
+
+@dataclass
+class FitOptions:
+    """How a fold is run (not what is learnt: that is the DMFConfig)."""
+
+    progress: bool = True  # rich progress bars (epoch, step, loss, running accuracy)
+    checkpoint_every: int = 50  # optimizer steps between mid-epoch resume states; 0: epoch ends only
+    log: Callable[[str], None] | None = None  # receives one-line notes (resuming, epoch results); None: silent
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # batches done in the current (incomplete) epoch
+    global_step: int = 0  # optimizer steps over all epochs
+    saves: int = 0  # resume states written (names the sub-folders)
+    best_ua: float = -1.0  # best validation UA so far
+    best_epoch: int = 0  # 1-based epoch of the best checkpoint
+    stale_epochs: int = 0  # epochs since the last improvement (early stopping)
+    stopped: bool = False  # early-stopped or all epochs done
+    train_seconds: float = 0.0  # wall time in training steps (excludes evaluation, preprocessing)
+    trained_utterances: int = 0  # utterances through training steps
+    running: dict = field(default_factory=lambda: dict(loss=0.0, nll=0.0, correct=0, seen=0, batches=0))
+    history: list = field(default_factory=list)  # one dict per finished epoch
+
+
+# ------------------------------------------------------------------------------------- building
+
+
+def seed_everything(seed: int, num_threads: int = 0) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+
+
+def build_optimizer(model: DMFModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Two groups (DESIGN §2): network at `lr`, memory module (reader, composer, writer) at `memory_lr`."""
+    network, memory = parameter_groups(model)
+    groups = [{"params": network, "lr": cfg.lr}]
+    if memory:
+        groups.append({"params": memory, "lr": cfg.memory_lr})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The shuffled row indices of each batch of an epoch; a function of (seed, epoch) only, so a
+    resumed run replays the same order. A last batch of one row is dropped (BatchNorm needs 2)."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=gen)
+    batches = list(order.split(batch_size))
+    if batches and len(batches[-1]) == 1:
+        batches.pop()
+    return batches
+
+
+# --------------------------------------------------------------------------------- steps, evaluation
+
+
+def train_step(model: DMFModel, optimizer: torch.optim.Optimizer, batch: tuple, config: DMFConfig) -> dict:
+    """One optimizer step on (audio, ids, mask, labels); returns loss, nll and correct count."""
+    audio, ids, mask, labels = batch
+    model.train()
+    log_probs, new_memory = model(audio, ids, mask)  # (B, C), new memory (n, d) x2 or None
+    loss, parts = dmf_loss(log_probs, labels, new_memory, config.model.similarity_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.train.grad_clip)
+    optimizer.step()
+    correct = int((log_probs.argmax(-1) == labels).sum())
+    return dict(loss=float(loss.detach()), nll=float(parts["nll"]), correct=correct, seen=len(labels))
+
+
+@torch.no_grad()
+def predict(model: DMFModel, data: Batchable, batch_size: int = 16) -> np.ndarray:
+    """Eval-mode class indices (N,) in data order (eval never writes memory)."""
+    model.eval()
+    preds = []
+    for index in torch.arange(len(data)).split(batch_size):
+        audio, ids, mask, _ = data.rows(index)
+        preds.append(model(audio, ids, mask).argmax(-1))
+    return torch.cat(preds).numpy()
+
+
+def evaluate(model: DMFModel, data: Batchable, batch_size: int = 16) -> dict:
+    """compute_metrics over `data`, plus the predictions (ids, true, pred) for pooling."""
+    pred = predict(model, data, batch_size)
+    true = data.labels.numpy()
+    metrics = compute_metrics(true, pred, model.model_config.labels)
+    metrics["predictions"] = {"ids": list(data.ids), "true": true.tolist(), "pred": pred.tolist()}
+    return metrics
+
+
+# --------------------------------------------------------------------------------------- resume
+
+
+def _parked(fold_dir: Path) -> Path:
+    """Where `_resume` waits while save_pretrained swaps the whole fold folder."""
+    return fold_dir.parent / f".{fold_dir.name}{RESUME_DIR}"
+
+
+def save_best(model: DMFModel, fold_dir: Path) -> None:
+    """save_pretrained replaces the whole folder; park the resume state outside meanwhile
+    (os.replace is atomic, so at any instant it is in exactly one of the two places)."""
+    resume, parked = fold_dir / RESUME_DIR, _parked(fold_dir)
+    if resume.exists():
+        os.replace(resume, parked)
+    model.save_pretrained(fold_dir)
+    if parked.exists():
+        os.replace(parked, resume)
+
+
+def _resume_root(fold_dir: Path) -> Path | None:
+    for root in (fold_dir / RESUME_DIR, _parked(fold_dir)):
+        if (root / "latest.json").is_file():
+            return root
+    return None
+
+
+def clear_resume(fold_dir: Path) -> None:
+    for root in (fold_dir / RESUME_DIR, _parked(fold_dir)):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    """RNG states as tensors and ints, so torch.load(weights_only=True) can read them back."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_rest": [int(pos), int(has_gauss), float(gauss)],
+            "python": [version, torch.tensor(mt, dtype=torch.int64), py_gauss]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, gauss = state["numpy_rest"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, mt, py_gauss = state["python"]
+    random.setstate((version, tuple(int(v) for v in mt.tolist()), py_gauss))
+
+
+def save_resume(fold_dir: Path, model: DMFModel, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
+    """Write a new resume state aside, publish it via latest.json, then prune the older ones."""
+    root = fold_dir / RESUME_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    state.saves += 1
+    name = f"state-{state.saves:06d}"
+    stage = Path(tempfile.mkdtemp(dir=root, prefix=".stage-"))
+    pending = getattr(model.fusion, "pending_memory", None)
+    payload = {"format": RESUME_FORMAT, "state": dataclasses.asdict(state), "optimizer": optimizer.state_dict(),
+               "pending_memory": list(pending) if pending is not None else None, "rng": _rng_state()}
+    model.save_pretrained(stage / "model")
+    tmp = stage / "state.pt.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, stage / "state.pt")
+    os.replace(stage, root / name)
+    atomic_write_text(root / "latest.json", json.dumps({"name": name}))
+    for old in root.iterdir():
+        if old.is_dir() and old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_resume(fold_dir: Path, config: DMFConfig):
+    """(model, optimizer, state) from the latest resume state, or None when there is none."""
+    root = _resume_root(fold_dir)
+    if root is None:
+        return None
+    try:
+        path = root / json.loads((root / "latest.json").read_text())["name"]
+        payload = torch.load(path / "state.pt", weights_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"corrupt resume state in {root} ({exc}); delete it to start the fold over") from None
+    if payload.get("format") != RESUME_FORMAT:
+        raise CheckpointError(f"{path / 'state.pt'} is not a {RESUME_FORMAT} resume state")
+    model = DMFModel.from_pretrained(path / "model").train()
+    optimizer = build_optimizer(model, config.train)
+    optimizer.load_state_dict(payload["optimizer"])
+    if payload["pending_memory"] is not None:
+        model.fusion.pending_memory = tuple(payload["pending_memory"])
+    _set_rng_state(payload["rng"])
+    if config.train.num_threads > 0:
+        torch.set_num_threads(config.train.num_threads)
+    return model, optimizer, TrainState(**payload["state"])
+
+
+# ------------------------------------------------------------------------------------------ loop
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.2f}"),
+                    TimeElapsedColumn(), disable=not enabled, transient=False)
+
+
+@dataclass
+class _Run:
+    """The live objects of one fold's training."""
+
+    config: DMFConfig
+    fold_dir: Path
+    model: DMFModel
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    train: Batchable
+    val: Batchable
+    options: FitOptions
+
+
+def _accumulate(state: TrainState, out: dict, seconds: float) -> None:
+    run = state.running
+    for key in ("loss", "nll"):
+        run[key] += out[key]
+    run["correct"] += out["correct"]
+    run["seen"] += out["seen"]
+    run["batches"] += 1
+    state.step += 1
+    state.global_step += 1
+    state.train_seconds += seconds
+    state.trained_utterances += out["seen"]
+
+
+def run_epoch(run: _Run, progress, task) -> None:
+    """Train the rest of the current epoch (from state.step), with mid-epoch resume states."""
+    state, cfg = run.state, run.config.train
+    batches = epoch_batches(len(run.train), cfg.batch_size, cfg.seed, state.epoch)
+    progress.reset(task, total=len(batches), completed=state.step,
+                   description=f"epoch {state.epoch + 1}/{cfg.epochs}")
+    for index in batches[state.step:]:
+        start = time.perf_counter()
+        out = train_step(run.model, run.optimizer, run.train.rows(index), run.config)
+        _accumulate(state, out, time.perf_counter() - start)
+        r = state.running
+        progress.update(task, advance=1, loss=r["loss"] / r["batches"], acc=r["correct"] / max(r["seen"], 1))
+        every = run.options.checkpoint_every
+        if every > 0 and state.global_step % every == 0 and state.step < len(batches):
+            save_resume(run.fold_dir, run.model, run.optimizer, state)
+
+
+def end_epoch(run: _Run) -> dict:
+    """Validate, keep the best checkpoint, update early stopping, record history."""
+    state, cfg = run.state, run.config.train
+    val = evaluate(run.model, run.val, cfg.batch_size)
+    r = state.running
+    batches = max(r["batches"], 1)
+    entry = dict(epoch=state.epoch + 1, train_loss=r["loss"] / batches, train_nll=r["nll"] / batches,
+                 train_acc=r["correct"] / max(r["seen"], 1), val_wa=val["wa"], val_ua=val["ua"])
+    if val["ua"] > state.best_ua:
+        state.best_ua, state.best_epoch, state.stale_epochs = val["ua"], state.epoch + 1, 0
+        save_best(run.model, run.fold_dir)
+    else:
+        state.stale_epochs += 1
+    state.history.append(entry)
+    state.epoch += 1
+    state.step = 0
+    state.running = TrainState().running
+    state.stopped = state.epoch >= cfg.epochs or state.stale_epochs >= cfg.patience
+    return entry
+
+
+def _note(options: FitOptions, message: str) -> None:
+    if options.log is not None:
+        options.log(message)
+
+
+def _start(config: DMFConfig, split: FoldSplit, fold_dir: Path, options: FitOptions):
+    resumed = load_resume(fold_dir, config)
+    if resumed is not None:
+        state = resumed[2]
+        _note(options, f"fold {split.fold}: resuming at epoch {state.epoch + 1}, step {state.step} "
+                       f"(global step {state.global_step})")
+        return resumed
+    seed_everything(config.train.seed, config.train.num_threads)
+    texts = [u.text for u in split.train]
+    model = DMFModel(config, texts=texts, pretrained=True)
+    return model, build_optimizer(model, config.train), TrainState()
+
+
+def fit(config: DMFConfig, split: FoldSplit, fold_dir: str | Path, audio: AudioCache | None = None,
+        options: FitOptions | None = None) -> dict:
+    """Train one fold (resuming if a state exists), reload the best checkpoint, evaluate it on the
+    test session. Returns the fold's metrics dict (also the content of foldK/metrics.json)."""
+    options = options or FitOptions()
+    fold_dir = Path(fold_dir)
+    audio = audio or AudioCache(config.model)
+    model, optimizer, state = _start(config, split, fold_dir, options)
+    train = encode_utterances(split.train, model, audio, options.progress)
+    val = encode_utterances(split.val, model, audio, options.progress)
+    run = _Run(config, fold_dir, model, optimizer, state, train, val, options)
+    with _progress(options.progress) as progress:
+        task = progress.add_task("", total=1, loss=0.0, acc=0.0)
+        while not state.stopped:
+            run_epoch(run, progress, task)
+            entry = end_epoch(run)
+            _note(options, f"fold {split.fold} epoch {entry['epoch']}: train loss {entry['train_loss']:.3f}, "
+                           f"val UA {100 * entry['val_ua']:.1f}%")
+            save_resume(fold_dir, model, optimizer, state)
+    return _test(config, split, fold_dir, audio, state, options)
+
+
+def _test(config: DMFConfig, split: FoldSplit, fold_dir: Path, audio: AudioCache, state: TrainState,
+          options: FitOptions) -> dict:
+    best = DMFModel.from_pretrained(fold_dir)
+    test = encode_utterances(split.test, best, audio, options.progress)
+    metrics = evaluate(best, test, config.train.batch_size)
+    speed = state.trained_utterances / state.train_seconds if state.train_seconds > 0 else 0.0
+    return {"fold": split.fold, "test_session": split.test_session, "n_train": len(split.train),
+            "n_val": len(split.val), **metrics, "best_epoch": state.best_epoch, "best_val_ua": state.best_ua,
+            "epochs_run": state.epoch, "train_seconds": state.train_seconds,
+            "trained_utterances": state.trained_utterances, "utterances_per_s": speed,
+            "history": state.history}
