@@ -38,10 +38,15 @@ class CompactBilinearPooling(nn.Module):
             self.register_buffer(f"hash{name}", h)  # (d,) bucket of each input dim
             self.register_buffer(f"sign{name}", s)  # (d,) ±1
             self.register_buffer(f"sketch{name}", sketch)  # (d, D) dense count-sketch matrix
-        fwd1, fwd2, inv = self._dft_matrices()
-        self.register_buffer("dft1", fwd1, persistent=False)  # (d, 2K) sketch1 folded into rDFT
-        self.register_buffer("dft2", fwd2, persistent=False)  # (d, 2K)
-        self.register_buffer("idft", inv, persistent=False)  # (2K, D) inverse one-sided DFT
+        self.register_buffer("dft1", torch.empty(0), persistent=False)  # (d, 2K) sketch1 folded into rDFT
+        self.register_buffer("dft2", torch.empty(0), persistent=False)  # (d, 2K)
+        self.register_buffer("idft", torch.empty(0), persistent=False)  # (2K, D) inverse one-sided DFT
+        self.refresh_dft_matrices()
+
+    def refresh_dft_matrices(self) -> None:
+        """Fold the CURRENT sketches into the DFT matrices (after loading a checkpoint, the sketches
+        come from the file, so the matrices are rebuilt when the export form is switched on)."""
+        self.dft1, self.dft2, self.idft = (m.to(self.sketch1.device) for m in self._dft_matrices())
 
     def _dft_matrices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # float64 while folding so the product matches the FFT form to float32 rounding
@@ -133,8 +138,10 @@ class Composer(nn.Module):
         self.norm2 = GlobalBatchNorm1d(cfg.cbp_dim)
 
     def forward(self, x_a, x_at, x_ta, x_t) -> torch.Tensor:
-        p1 = self.cbp(x_a, x_at)  # (B, D); order of audio and text kept
-        p2 = self.cbp(x_ta, x_t)
+        # p1 = CBP(x_a, x_at), p2 = CBP(x_ta, x_t) (order of audio and text kept), as one stacked
+        # call: the shared CBP's sketch/DFT matrices are read once, which is most of its cost at batch 1
+        pooled = self.cbp(torch.cat([x_a, x_ta]), torch.cat([x_at, x_t]))  # (2B, D)
+        p1, p2 = pooled[: x_a.shape[0]], pooled[x_a.shape[0]:]
         return (self.norm1(self.attention1(p1)) + self.norm2(self.attention2(p2))) / 2
 
 

@@ -83,7 +83,10 @@ class DMFModel(nn.Module):
     def exportable(self, enabled: bool = True) -> "DMFModel":
         """Select the export forms: DFT-matrix CBP (no FFT op). Call with eval()."""
         if isinstance(self.fusion, DualMemoryFusion):
-            self.fusion.composer.cbp.use_dft_matrices = enabled
+            cbp = self.fusion.composer.cbp
+            if enabled:
+                cbp.refresh_dft_matrices()
+            cbp.use_dft_matrices = enabled
         return self
 
     @property

@@ -254,3 +254,15 @@ def test_checkpoint_with_other_architecture_is_refused(tmp_path):
     (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="does not match"):
         DMFModel.from_pretrained(a)
+
+
+def test_dft_matrices_follow_loaded_sketches():
+    model = tiny_model().eval()
+    cbp = model.fusion.composer.cbp
+    with torch.no_grad():  # a checkpoint whose sketches differ from what the seed gives
+        cbp.sketch1.copy_(cbp.sketch1.roll(1, dims=1))
+    audio, ids, mask, _ = batch(model)
+    with torch.no_grad():
+        ref = model(audio, ids, mask)
+        out = model.exportable(True)(audio, ids, mask)
+    assert torch.allclose(ref, out, atol=1e-5)
