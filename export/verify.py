@@ -1,0 +1,147 @@
+"""Verification of an exported graph against the torch eval model, on fixed seeded inputs.
+
+The inputs look like real ones: audio is random noise at a random loudness, zero-padded after a
+random length, then normalised exactly as `dmf.preprocess` does; token ids are random ids inside
+the tokenizer's vocabulary framed by [CLS] ... [SEP] and padded, with the matching attention mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FP32_ATOL = 1e-4  # DESIGN §4: max abs diff of log-probs, ONNX fp32 vs torch eval fp32
+FP16_ATOL = 5e-2  # fp16 graph vs torch fp32 (LayerNorm/Softmax kept fp32)
+INT8_MIN_AGREEMENT = 0.99  # argmax agreement int8 vs fp32 required on agreement data (real inputs)
+# On the few synthetic verify inputs (a random-init model's log-probs are nearly flat) int8 may flip a
+# near-tie; this only catches a broken quantisation (which lands near chance, 1/num_labels).
+INT8_MIN_VERIFY_AGREEMENT = 0.75
+VERIFY_SEED = 1234
+INPUT_NAMES = ("audio", "input_ids", "attention_mask")
+
+
+@dataclass
+class Parity:
+    samples: int
+    max_abs_diff: float
+    argmax_agreement: float
+
+    def summary(self) -> str:
+        return f"max abs diff {self.max_abs_diff:.1e}, argmax agreement {self.argmax_agreement:.3f}"
+
+
+def verify_inputs(model_config, tokenizer, samples: int = 8, seed: int = VERIFY_SEED) -> dict[str, np.ndarray]:
+    """Fixed, seeded inputs shaped as dmf.preprocess makes them (see module doc)."""
+    from dmf.preprocess import normalize_audio
+
+    rng = np.random.default_rng(seed)
+    n_samples, n_tokens = model_config.max_audio_samples, model_config.max_tokens
+    audio = np.zeros((samples, n_samples), dtype=np.float32)
+    for i in range(samples):
+        keep = int(rng.integers(max(1, n_samples // 5), n_samples + 1))  # some clips shorter than 5 s
+        clip = np.zeros(n_samples, dtype=np.float32)
+        clip[:keep] = rng.standard_normal(keep).astype(np.float32) * float(rng.uniform(0.01, 0.5))
+        audio[i] = normalize_audio(clip) if model_config.do_normalize else clip
+    vocab = len(tokenizer) if tokenizer is not None else 100
+    cls_id, sep_id, pad_id = (_token_id(tokenizer, "cls", 2), _token_id(tokenizer, "sep", 3),
+                              _token_id(tokenizer, "pad", 0))
+    low = min(5, vocab - 1)  # skip the special tokens at the start of a BERT vocabulary
+    ids = np.full((samples, n_tokens), pad_id, dtype=np.int64)
+    mask = np.zeros((samples, n_tokens), dtype=np.int64)
+    for i in range(samples):
+        length = int(rng.integers(min(3, n_tokens), n_tokens + 1))  # incl. [CLS] and [SEP]
+        ids[i, :length] = rng.integers(low, vocab, size=length)
+        ids[i, 0] = cls_id
+        ids[i, length - 1] = sep_id
+        mask[i, :length] = 1
+    return {"audio": audio, "input_ids": ids, "attention_mask": mask}
+
+
+def _token_id(tokenizer, kind: str, default: int) -> int:
+    value = getattr(tokenizer, f"{kind}_token_id", None)
+    return value if isinstance(value, int) else default
+
+
+def torch_reference(model, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(*(torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in INPUT_NAMES))
+    return out.float().numpy()
+
+
+def ort_session(path: str | Path, threads: int | None = None, level: str = "all"):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ort_run(session, feeds: dict[str, np.ndarray], batch: int | None = None) -> np.ndarray:
+    """Run in chunks of `batch` (None: all at once); returns log-probs (N, C) float32."""
+    n = len(feeds["audio"])
+    step = batch or n
+    outs = []
+    for start in range(0, n, step):
+        chunk = {k: v[start:start + step] for k, v in feeds.items()}
+        outs.append(session.run(["log_probs"], chunk)[0])
+    return np.concatenate(outs).astype(np.float32)
+
+
+def compare(reference: np.ndarray, got: np.ndarray) -> Parity:
+    if reference.shape != got.shape:
+        raise ValueError(f"output shape {got.shape} differs from the reference {reference.shape}")
+    diff = float(np.max(np.abs(reference.astype(np.float64) - got.astype(np.float64)))) if got.size else 0.0
+    if not np.isfinite(got).all():
+        diff = float("inf")
+    agreement = float(np.mean(reference.argmax(-1) == got.argmax(-1))) if len(got) else 1.0
+    return Parity(samples=len(got), max_abs_diff=diff, argmax_agreement=agreement)
+
+
+def verify_onnx(path: str | Path, reference: np.ndarray, feeds: dict[str, np.ndarray]) -> Parity:
+    """ORT (CPU) vs the reference, once as one batch and once sample by sample (batch 1): the
+    dynamic batch dim must work at both sizes. The worse of the two is reported."""
+    session = ort_session(path)
+    whole = compare(reference, ort_run(session, feeds))
+    single = compare(reference, ort_run(session, feeds, batch=1))
+    return Parity(samples=whole.samples, max_abs_diff=max(whole.max_abs_diff, single.max_abs_diff),
+                  argmax_agreement=min(whole.argmax_agreement, single.argmax_agreement))
+
+
+def parity_failure(parity: Parity, atol: float, what: str = "export") -> str | None:
+    """The one-line failure message, or None when within tolerance with the same argmax."""
+    if parity.max_abs_diff <= atol and parity.argmax_agreement == 1.0:
+        return None
+    return (f"{what} failed verification: max abs diff {parity.max_abs_diff:.1e} > {atol:.0e} "
+            f"(argmax agreement {parity.argmax_agreement:.3f})" if parity.max_abs_diff > atol else
+            f"{what} failed verification: argmax agreement {parity.argmax_agreement:.3f} < 1 "
+            f"(max abs diff {parity.max_abs_diff:.1e} <= {atol:.0e})")
+
+
+def load_agreement_data(data) -> dict[str, np.ndarray]:
+    """Preprocessed real inputs: a mapping or .npz path with audio / input_ids / attention_mask,
+    or a 3-tuple in that order."""
+    if isinstance(data, (str, Path)):
+        with np.load(str(data)) as npz:
+            data = {k: npz[k] for k in npz.files}
+    if isinstance(data, (tuple, list)):
+        data = dict(zip(INPUT_NAMES, data))
+    missing = [k for k in INPUT_NAMES if k not in data]
+    if missing:
+        raise ValueError(f"agreement data lacks {', '.join(missing)} (expected {', '.join(INPUT_NAMES)})")
+    out = {"audio": np.asarray(data["audio"], dtype=np.float32),
+           "input_ids": np.asarray(data["input_ids"], dtype=np.int64),
+           "attention_mask": np.asarray(data["attention_mask"], dtype=np.int64)}
+    if len({len(v) for v in out.values()}) != 1 or len(out["audio"]) == 0:
+        raise ValueError("agreement data arrays must be non-empty and have the same first dim")
+    return out

@@ -1,0 +1,407 @@
+"""dmf.export: end-to-end ONNX export, op check, parity, int8/fp16, Triton, artifact contract, errors.
+
+One tiny checkpoint per fusion (module-scoped) and one export per configuration, reused by the
+tests; the TensorRT tests need a CUDA GPU and the tensorrt package and skip without them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper  # noqa: E402
+
+from dmf.config import preset  # noqa: E402
+from dmf.export import ExportError, export_checkpoint  # noqa: E402
+from dmf.export.opcheck import check_model  # noqa: E402
+from dmf.export.verify import Parity, parity_failure, verify_inputs  # noqa: E402
+from dmf.model import DMFModel  # noqa: E402
+
+TEXTS = ["i am so happy today", "this is outrageous and i am furious", "i miss her so much",
+         "i went to the store on tuesday", "what a wonderful surprise"]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(work) -> dict[str, Path]:
+    out = {}
+    for fusion in ("memory", "naive"):
+        torch.manual_seed(0)
+        model = DMFModel(preset("tiny", fusion=fusion), texts=TEXTS, pretrained=False)
+        out[fusion] = model.save_pretrained(work / f"ckpt-{fusion}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def memory_artifact(work, checkpoints) -> Path:
+    return export_checkpoint(checkpoints["memory"], work / "art-memory", triton_dir=work / "triton",
+                             triton_name="dmf_memory", max_batch=16)
+
+
+@pytest.fixture(scope="module")
+def naive_artifact(work, checkpoints) -> Path:
+    return export_checkpoint(checkpoints["naive"], work / "art-naive")
+
+
+def _agreement_npz(work: Path, checkpoint: Path) -> Path:
+    model = DMFModel.from_pretrained(checkpoint)
+    feeds = verify_inputs(model.model_config, model.tokenizer, samples=16, seed=99)
+    path = work / "agreement.npz"
+    np.savez(path, **feeds)
+    return path
+
+
+# -------------------------------------------------------------------------------- parity, contract
+@pytest.mark.parametrize("which", ["memory", "naive"])
+def test_parity_with_torch_eval_model(which, memory_artifact, naive_artifact):
+    art = memory_artifact if which == "memory" else naive_artifact
+    meta = json.loads((art / "dmf.json").read_text())
+    parity = meta["parity"]
+    assert meta["fusion"] == which
+    assert parity["reference"] == "torch-eval-fp32" and parity["samples"] == 8
+    assert parity["max_abs_diff"] <= 1e-4
+    assert parity["argmax_agreement"] == 1.0
+    assert parity["int8_agreement"] is None
+    assert json.loads((art / "parity.json").read_text())["max_abs_diff"] == parity["max_abs_diff"]
+
+
+def test_artifact_loads_in_onnxruntime_and_matches_dmf_json(memory_artifact, checkpoints):
+    art = memory_artifact
+    meta = json.loads((art / "dmf.json").read_text())
+    assert meta["format"] == "dmf-artifact" and meta["schema_version"] == 1
+    assert meta["engine"] == "onnx" and meta["precision"] == "fp32" and meta["model_file"] == "model.onnx"
+    assert meta["max_batch"] == 16 and meta["labels"] == ["neu", "hap", "sad", "ang"]
+    assert meta["input_samples"] == 80000 and meta["max_tokens"] == 30 and meta["sample_rate"] == 16000
+    assert meta["normalisation"] == {"do_normalize": True, "eps": 1e-07}
+    # every listed file is there with its sha256; the source checkpoint's weights are fingerprinted
+    assert set(meta["files"]) == {"model.onnx", "tokenizer.json", "parity.json"}
+    for name, digest in meta["files"].items():
+        assert _sha(art / name) == digest
+    assert meta["source_checkpoint"]["sha256"] == _sha(checkpoints["memory"] / "model.safetensors")
+    assert meta["model_config"] == json.loads((checkpoints["memory"] / "config.json").read_text())["model"]
+    assert sorted(p.name for p in art.iterdir()) == ["dmf.json", "model.onnx", "parity.json", "tokenizer.json"]
+
+    session = ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
+    types_ = {"float32": "tensor(float)", "int64": "tensor(int64)"}
+    for entries, values in ((meta["inputs"], session.get_inputs()), (meta["outputs"], session.get_outputs())):
+        assert [e["name"] for e in entries] == [v.name for v in values]
+        for e, v in zip(entries, values):
+            assert types_[e["dtype"]] == v.type
+            assert isinstance(v.shape[0], str) and v.shape[1:] == e["shape"][1:]
+
+    # an independent batch of 3 through the tokenizer.json the artifact ships
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(art / "tokenizer.json"))
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]", length=30)
+    tok.enable_truncation(30)
+    enc = tok.encode_batch(TEXTS[:3])
+    ids = np.array([e.ids for e in enc], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+    audio = np.random.default_rng(5).standard_normal((3, 80000)).astype(np.float32)
+    got = session.run(None, {"audio": audio, "input_ids": ids, "attention_mask": mask})[0]
+    model = DMFModel.from_pretrained(checkpoints["memory"])
+    with torch.no_grad():
+        ref = model(torch.from_numpy(audio), torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    assert got.shape == (3, 4)
+    assert np.abs(got - ref).max() <= 1e-4
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_verify_inputs_look_like_preprocessed_inputs(checkpoints):
+    model = DMFModel.from_pretrained(checkpoints["naive"])
+    feeds = verify_inputs(model.model_config, model.tokenizer, samples=6)
+    again = verify_inputs(model.model_config, model.tokenizer, samples=6)
+    assert all(np.array_equal(feeds[k], again[k]) for k in feeds)  # seeded
+    assert feeds["audio"].dtype == np.float32 and feeds["audio"].shape == (6, 80000)
+    assert np.allclose(feeds["audio"].mean(1), 0, atol=1e-4) and np.allclose(feeds["audio"].std(1), 1, atol=1e-3)
+    assert feeds["input_ids"].max() < len(model.tokenizer)
+    mask = feeds["attention_mask"]
+    lengths = mask.sum(1)
+    assert all((mask[i, :n] == 1).all() and (mask[i, n:] == 0).all() for i, n in enumerate(lengths))
+    assert (feeds["input_ids"][:, 0] == model.tokenizer.cls_token_id).all()
+
+
+# --------------------------------------------------------------------------------------- op check
+def test_op_check_passes_on_exports(memory_artifact, naive_artifact):
+    for art in (memory_artifact, naive_artifact):
+        result = check_model(art / "model.onnx")
+        assert result.ok, result.message()
+        assert "MatMul" in result.ops and not any(op in result.ops for op in ("DFT", "STFT", "RandomNormal"))
+
+
+def _graph(nodes, inputs, outputs, functions=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("local", 1)],
+                             functions=list(functions))
+
+
+def test_op_check_names_dft_and_random_ops():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    dft = _graph([helper.make_node("DFT", ["x"], ["y"])], [x], [y])
+    result = check_model(dft)
+    assert not result.ok and result.spectral == ["DFT"] and "DFT" in result.message()
+
+    rnd = _graph([helper.make_node("RandomNormal", [], ["r"], shape=[2, 16, 1]),
+                  helper.make_node("Add", ["x", "r"], ["y"])], [x], [y])
+    result = check_model(rnd)
+    assert not result.ok and result.random == ["RandomNormal"] and "RandomNormal" in result.message()
+
+    # hidden inside a local function body and inside an If branch
+    body = helper.make_function("local", "Noisy", ["a"], ["b"],
+                                [helper.make_node("RandomUniformLike", ["a"], ["n"]),
+                                 helper.make_node("Add", ["a", "n"], ["b"])],
+                                [helper.make_opsetid("", 20)])
+    branch = helper.make_graph([helper.make_node("STFT", ["x", "step"], ["z"])], "then", [],
+                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["w"])], "else", [],
+                              [helper.make_tensor_value_info("w", TensorProto.FLOAT, None)])
+    nested = _graph([helper.make_node("Noisy", ["x"], ["y0"], domain="local"),
+                     helper.make_node("Constant", [], ["step"], value_int=4),
+                     helper.make_node("Constant", [], ["c"], value_int=1),
+                     helper.make_node("Cast", ["c"], ["cond"], to=TensorProto.BOOL),
+                     helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=other)],
+                    [x], [y], functions=[body])
+    result = check_model(nested)
+    assert result.random == ["RandomUniformLike"] and result.spectral == ["STFT"]
+    assert "Noisy" not in result.ops  # function calls are walked, not counted as ops
+
+    unsupported = _graph([helper.make_node("Unique", ["x"], ["y"])], [x], [y])
+    result = check_model(unsupported)
+    assert result.unsupported == ["Unique"] and "allow-list Unique" in result.message()
+    contrib = _graph([helper.make_node("FusedMatMul", ["x", "x"], ["y"], domain="com.microsoft")], [x], [y])
+    assert check_model(contrib).unsupported == ["com.microsoft:FusedMatMul"]
+
+
+# ------------------------------------------------------------------------------- int8, fp16, CLI
+def _cli_app():
+    import typer
+
+    from dmf.export.cli import register
+
+    app = typer.Typer()
+    register(app)
+
+    @app.callback()
+    def _root() -> None:
+        pass
+
+    return app
+
+
+def test_int8_export_through_cli_agrees_with_fp32(work, checkpoints, naive_artifact):
+    from typer.testing import CliRunner
+
+    npz = _agreement_npz(work, checkpoints["naive"])
+    out = work / "art-naive-int8"
+    result = CliRunner().invoke(_cli_app(), ["export", str(checkpoints["naive"]), "--out", str(out),
+                                             "--precision", "int8", "--agreement-data", str(npz)])
+    assert result.exit_code == 0, result.output
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("exported onnx int8 naive model") and "int8 agreement with fp32" in summary
+    meta = json.loads((out / "dmf.json").read_text())
+    parity = meta["parity"]
+    assert meta["precision"] == "int8"
+    assert parity["int8_agreement"] >= 0.99 and parity["int8_agreement_samples"] == 16
+    assert parity["int8_verify_agreement"] >= 0.75
+    assert parity["fp32_max_abs_diff"] <= 1e-4 and parity["max_abs_diff"] < 0.1
+    ops = check_model(out / "model.onnx").ops
+    assert ops["MatMulInteger"] > 0 and "ConvInteger" not in ops and ops["Conv"] > 0  # Conv left in fp32
+    assert (out / "model.onnx").stat().st_size < (work / "art-naive" / "model.onnx").stat().st_size
+
+
+def test_fp16_onnx_export(work, checkpoints):
+    out = export_checkpoint(checkpoints["naive"], work / "art-naive-fp16", precision="fp16")
+    meta = json.loads((out / "dmf.json").read_text())
+    assert meta["precision"] == "fp16" and meta["parity"]["tolerance"] == 5e-2
+    assert meta["parity"]["max_abs_diff"] <= 5e-2 and meta["parity"]["fp32_max_abs_diff"] <= 1e-4
+    model = onnx.load(str(out / "model.onnx"))
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # io stays fp32
+    assert any(init.data_type == TensorProto.FLOAT16 for init in model.graph.initializer)
+
+
+# ----------------------------------------------------------------------------------------- Triton
+def _model_config_pb2():
+    try:
+        from tritonclient.grpc import model_config_pb2  # needs tritonclient[grpc]
+        return model_config_pb2
+    except Exception:
+        pass
+    try:
+        import tritonclient
+    except ImportError:
+        pytest.skip("tritonclient is not installed (pip install 'dmf[dev]')")
+    # tritonclient without the grpc extra still ships the schema module; load it without grpcio
+    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
+    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_triton_repository_parses_with_tritons_schema(memory_artifact, work):
+    pb2 = _model_config_pb2()
+    from google.protobuf import text_format
+
+    folder = work / "triton" / "dmf_memory"
+    config = text_format.Parse((folder / "config.pbtxt").read_text(), pb2.ModelConfig())
+    assert config.name == "dmf_memory" and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 16
+    assert [(i.name, list(i.dims), pb2.DataType.Name(i.data_type)) for i in config.input] == [
+        ("audio", [80000], "TYPE_FP32"), ("input_ids", [30], "TYPE_INT64"), ("attention_mask", [30], "TYPE_INT64")]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("log_probs", [4])]
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8, 16]
+    assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    assert (folder / "1" / "model.onnx").read_bytes() == (memory_artifact / "model.onnx").read_bytes()
+    assert (folder / "labels.txt").read_text().split() == ["neu", "hap", "sad", "ang"]
+
+
+# ----------------------------------------------------------------------------------------- errors
+def _one_line_error(func, *args, **kwargs) -> str:
+    with pytest.raises(ExportError) as info:
+        func(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and message
+    return message
+
+
+def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path, checkpoints):
+    out = tmp_path / "out"
+    msg = _one_line_error(export_checkpoint, tmp_path / "missing", out)
+    assert "checkpoint folder not found" in msg
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in checkpoints["naive"].iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    (corrupt / "model.safetensors").write_bytes(b"\x00garbage, not safetensors")
+    msg = _one_line_error(export_checkpoint, corrupt, out)
+    assert msg.startswith("cannot load checkpoint") and "model.safetensors" in msg
+
+    msg = _one_line_error(export_checkpoint, checkpoints["naive"], out, precision="fp64")
+    assert "unknown precision 'fp64'" in msg
+    msg = _one_line_error(export_checkpoint, checkpoints["naive"], out, engine="trt", precision="int8")
+    assert "int8" in msg and "onnx only" in msg
+    msg = _one_line_error(export_checkpoint, checkpoints["naive"], out, engine="tflite")
+    assert "unknown engine" in msg
+    assert not out.exists()
+    assert _leftovers(tmp_path) == []
+
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    msg = _one_line_error(export_checkpoint, checkpoints["naive"], out)
+    assert "exists" in msg and "--force" in msg
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_cli_errors_are_one_red_line_and_exit_2(tmp_path, checkpoints):
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    for args, text in (
+        (["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "checkpoint folder not found"),
+        (["export", str(checkpoints["naive"]), "--out", str(tmp_path / "o"), "--precision", "fp64"],
+         "unknown precision"),
+        (["export", str(checkpoints["naive"]), "--out", str(tmp_path / "o"), "--engine", "trt",
+          "--precision", "int8"], "onnx only"),
+    ):
+        result = runner.invoke(_cli_app(), args)
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_parity_failure_refuses_to_write(tmp_path, checkpoints, monkeypatch):
+    assert parity_failure(Parity(8, 3.2e-3, 0.875), 1e-4) == \
+        "export failed verification: max abs diff 3.2e-03 > 1e-04 (argmax agreement 0.875)"
+    assert parity_failure(Parity(8, 3.2e-6, 1.0), 1e-4) is None
+    assert "argmax agreement 0.875 < 1" in parity_failure(Parity(8, 3.2e-6, 0.875), 1e-4)
+
+    from dmf.export import verify
+
+    monkeypatch.setattr(verify, "verify_onnx", lambda *a, **k: Parity(8, 3.2e-3, 0.875))
+    out = tmp_path / "out"
+    msg = _one_line_error(export_checkpoint, checkpoints["naive"], out, triton_dir=tmp_path / "tri")
+    assert msg == "export failed verification: max abs diff 3.2e-03 > 1e-04 (argmax agreement 0.875)"
+    assert not out.exists() and _leftovers(tmp_path) == []
+    assert not (tmp_path / "tri" / "dmf").exists() and _leftovers(tmp_path / "tri") == []
+
+
+def test_force_replaces_an_existing_artifact(tmp_path, naive_artifact, checkpoints):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    export_checkpoint(checkpoints["naive"], out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["dmf.json", "model.onnx", "parity.json", "tokenizer.json"]
+    assert _leftovers(tmp_path) == []
+
+
+# -------------------------------------------------------------------------------------- TensorRT
+def _trt_reason() -> str | None:
+    from dmf.export.tensorrt import unavailable_reason
+
+    return unavailable_reason()
+
+
+def test_trt_export_without_gpu_is_a_clear_error(tmp_path, checkpoints, monkeypatch):
+    if _trt_reason() is None:
+        # simulate a machine without CUDA even where TensorRT could run
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    msg = _one_line_error(export_checkpoint, checkpoints["naive"], tmp_path / "out", engine="trt")
+    assert msg.startswith("TensorRT export needs a CUDA GPU and the tensorrt package: ")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+    # tensorrt importable but no CUDA GPU
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    msg = _one_line_error(export_checkpoint, checkpoints["naive"], tmp_path / "out", engine="trt", precision="fp16")
+    assert "no CUDA GPU" in msg
+
+
+@pytest.mark.trt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_trt_export_builds_a_verified_plan(precision, tmp_path, checkpoints):
+    reason = _trt_reason()
+    if reason:
+        pytest.skip(f"TensorRT unavailable: {reason}")
+    out = export_checkpoint(checkpoints["memory"], tmp_path / "plan", engine="trt", precision=precision,
+                            max_batch=8, triton_dir=tmp_path / "tri")
+    meta = json.loads((out / "dmf.json").read_text())
+    assert meta["model_file"] == "model.plan" and (out / "model.plan").stat().st_size > 0
+    assert meta["parity"]["checked_with"] == "tensorrt" and meta["parity"]["argmax_agreement"] == 1.0
+    assert (tmp_path / "tri" / "dmf" / "1" / "model.plan").is_file()
+    assert 'platform: "tensorrt_plan"' in (tmp_path / "tri" / "dmf" / "config.pbtxt").read_text()
+
+
+def test_import_is_light():
+    import subprocess
+
+    code = "import sys, dmf.export; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
