@@ -1,0 +1,24 @@
+"""dmf.runtime: torch-free inference from an exported artifact folder (docs/artifact.md).
+
+    from dmf.runtime import Predictor, MicroBatcher
+    predictor = Predictor.load("artifacts/demo-memory")          # engine from dmf.json
+    predictor.predict("clip.wav", "I can't believe it!")        # -> Prediction(label, probabilities)
+
+Never imports torch or transformers (edge installs); onnxruntime, tensorrt, fastapi and uvicorn
+are imported inside the functions that need them.
+"""
+
+from dmf.preprocess import AudioError, TextError
+
+from .artifact import Artifact, ArtifactError, load_artifact
+from .batcher import BatcherClosed, MicroBatcher, Overloaded
+from .engines import EngineError, OrtEngine, TrtEngine, available_providers, create_engine
+from .predictor import INPUT_ERRORS, InputError, Prediction, Predictor
+from .server import ServeOptions, create_app
+
+__all__ = [
+    "Predictor", "Prediction", "MicroBatcher", "ServeOptions", "create_app",
+    "Artifact", "load_artifact", "create_engine", "available_providers", "OrtEngine", "TrtEngine",
+    "ArtifactError", "EngineError", "AudioError", "TextError", "InputError", "INPUT_ERRORS",
+    "BatcherClosed", "Overloaded",
+]

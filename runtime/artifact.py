@@ -1,0 +1,219 @@
+"""Load and validate an exported artifact folder (docs/artifact.md): dmf.json, model, tokenizer.
+
+Everything the runtime needs to know about the model (labels, input names and shapes, sample
+rate, normalisation, token count, batch limit) comes from dmf.json; nothing here has a model
+default. Every problem is an `ArtifactError` with a one-line message naming the file.
+Torch-free (json, hashlib, pathlib only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = "dmf-artifact"
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+META_NAME = "dmf.json"
+ENGINES = ("onnx", "trt")
+
+AUDIO_INPUT = "audio"
+IDS_INPUT = "input_ids"
+MASK_INPUT = "attention_mask"
+KNOWN_INPUTS = (AUDIO_INPUT, IDS_INPUT, MASK_INPUT)
+
+
+class ArtifactError(RuntimeError):
+    """The artifact folder is missing, incomplete, corrupt or of an unsupported version."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple  # e.g. ("batch", 80000)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A validated artifact: paths plus the contract fields the runtime uses."""
+
+    path: Path
+    meta: dict = field(repr=False)
+    engine: str
+    precision: str
+    model_path: Path
+    tokenizer_path: Path | None
+    labels: tuple[str, ...]
+    sample_rate: int
+    input_samples: int
+    max_tokens: int
+    do_normalize: bool
+    eps: float
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch: int
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.inputs)
+
+    @property
+    def uses_audio(self) -> bool:
+        return AUDIO_INPUT in self.input_names
+
+    @property
+    def uses_text(self) -> bool:
+        return IDS_INPUT in self.input_names
+
+    @property
+    def output_name(self) -> str:
+        return self.outputs[0].name
+
+    def summary(self) -> dict[str, Any]:
+        """The fields a health endpoint or a log line shows."""
+        return {"path": str(self.path), "engine": self.engine, "precision": self.precision,
+                "fusion": self.meta.get("fusion"), "labels": list(self.labels),
+                "sample_rate": self.sample_rate, "input_samples": self.input_samples,
+                "max_tokens": self.max_tokens, "max_batch": self.max_batch,
+                "dmf_version": self.meta.get("dmf_version")}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _require(meta: dict, key: str, kind: type | tuple, where: Path) -> Any:
+    if key not in meta:
+        raise ArtifactError(f"{where}: missing field '{key}'")
+    value = meta[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ArtifactError(f"{where}: field '{key}' = {value!r} is invalid: expected {names}")
+    return value
+
+
+def _positive_int(meta: dict, key: str, where: Path) -> int:
+    value = _require(meta, key, int, where)
+    if value < 1:
+        raise ArtifactError(f"{where}: field '{key}' = {value!r} is invalid: expected an integer >= 1")
+    return value
+
+
+def _inside(root: Path, name: str, where: Path, key: str) -> Path:
+    """`name` as a file inside the artifact folder (no absolute paths, no '..')."""
+    rel = Path(name)
+    if not name or rel.is_absolute() or ".." in rel.parts:
+        raise ArtifactError(f"{where}: field '{key}' = {name!r} is invalid: expected a file name inside the artifact")
+    return root / rel
+
+
+def _specs(meta: dict, key: str, where: Path) -> tuple[TensorSpec, ...]:
+    raw = _require(meta, key, list, where)
+    if not raw:
+        raise ArtifactError(f"{where}: field '{key}' is empty")
+    specs = []
+    for i, item in enumerate(raw):
+        if not (isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("dtype"), str)
+                and isinstance(item.get("shape"), list)):
+            raise ArtifactError(f"{where}: {key}[{i}] is invalid: expected {{'name', 'dtype', 'shape'}}")
+        specs.append(TensorSpec(item["name"], item["dtype"], tuple(item["shape"])))
+    return tuple(specs)
+
+
+def load_artifact(path: str | Path, *, verify: bool = True) -> Artifact:
+    """Read and check an artifact folder. `verify` checks each file listed in dmf.json's `files`
+    against its sha256 (on by default; the files are small next to the model load itself)."""
+    root = Path(path)
+    if not root.exists():
+        raise ArtifactError(f"{root}: artifact folder does not exist")
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: not a folder (an artifact is a folder holding {META_NAME})")
+    where = root / META_NAME
+    if not where.is_file():
+        raise ArtifactError(f"{where}: missing (is {root} an artifact written by `dmf export`?)")
+    try:
+        meta = json.loads(where.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{where}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{where}: field 'format' = {meta.get('format')!r}: expected {FORMAT!r}")
+    version = meta.get("schema_version")
+    if version not in SUPPORTED_SCHEMA_VERSIONS or isinstance(version, bool):
+        raise ArtifactError(f"{where}: schema_version {version!r} is not supported by this runtime "
+                            f"(supported: {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}); "
+                            "re-export the checkpoint or upgrade dmf")
+
+    engine = _require(meta, "engine", str, where)
+    if engine not in ENGINES:
+        raise ArtifactError(f"{where}: field 'engine' = {engine!r} is invalid: expected one of {ENGINES}")
+    labels = _require(meta, "labels", list, where)
+    if len(labels) < 2 or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels):
+        raise ArtifactError(f"{where}: field 'labels' = {labels!r} is invalid: expected >= 2 distinct names")
+    norm = _require(meta, "normalisation", dict, where)
+    do_normalize = norm.get("do_normalize")
+    eps = norm.get("eps", 1e-7)
+    if not isinstance(do_normalize, bool) or not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+        raise ArtifactError(f"{where}: field 'normalisation' = {norm!r} is invalid: "
+                            "expected {'do_normalize': bool, 'eps': float >= 0}")
+
+    inputs = _specs(meta, "inputs", where)
+    outputs = _specs(meta, "outputs", where)
+    names = [s.name for s in inputs]
+    unknown = [n for n in names if n not in KNOWN_INPUTS]
+    if unknown:
+        raise ArtifactError(f"{where}: unknown model input(s) {unknown}: this runtime feeds {list(KNOWN_INPUTS)}")
+    if (IDS_INPUT in names) != (MASK_INPUT in names) or not names:
+        raise ArtifactError(f"{where}: field 'inputs' {names} is invalid: expected audio and/or "
+                            "input_ids + attention_mask")
+    sample_rate = _positive_int(meta, "sample_rate", where)
+    input_samples = _positive_int(meta, "input_samples", where)
+    max_tokens = _positive_int(meta, "max_tokens", where)
+    max_batch = _positive_int(meta, "max_batch", where)
+    for spec in inputs:
+        expected = input_samples if spec.name == AUDIO_INPUT else max_tokens
+        if len(spec.shape) != 2 or spec.shape[1] != expected:
+            raise ArtifactError(f"{where}: input '{spec.name}' has shape {list(spec.shape)}: "
+                                f"expected ['batch', {expected}]")
+    out = outputs[0]
+    if len(out.shape) != 2 or out.shape[1] != len(labels):
+        raise ArtifactError(f"{where}: output '{out.name}' has shape {list(out.shape)}: "
+                            f"expected ['batch', {len(labels)}] (one per label)")
+
+    model_path = _inside(root, _require(meta, "model_file", str, where), where, "model_file")
+    if not model_path.is_file():
+        raise ArtifactError(f"{model_path}: model file missing (named by {META_NAME} 'model_file')")
+    tokenizer_path = None
+    if IDS_INPUT in names:
+        tokenizer_path = _inside(root, _require(meta, "tokenizer_file", str, where), where, "tokenizer_file")
+        if not tokenizer_path.is_file():
+            raise ArtifactError(f"{tokenizer_path}: tokenizer file missing (named by {META_NAME} 'tokenizer_file')")
+
+    files = _require(meta, "files", dict, where)
+    if model_path.relative_to(root).as_posix() not in files:
+        raise ArtifactError(f"{where}: field 'files' has no sha256 for the model file {model_path.name}")
+    if verify:
+        for name, digest in files.items():
+            file = _inside(root, name, where, "files")
+            if not file.is_file():
+                raise ArtifactError(f"{file}: missing (listed in {META_NAME} 'files')")
+            if not isinstance(digest, str) or sha256_file(file) != digest.lower():
+                raise ArtifactError(f"{file}: sha256 does not match {META_NAME} 'files' "
+                                    "(corrupt or modified artifact; re-export it)")
+
+    return Artifact(
+        path=root, meta=meta, engine=engine, precision=str(meta.get("precision", "fp32")),
+        model_path=model_path, tokenizer_path=tokenizer_path, labels=tuple(labels),
+        sample_rate=sample_rate, input_samples=input_samples, max_tokens=max_tokens,
+        do_normalize=do_normalize, eps=float(eps), inputs=inputs, outputs=outputs, max_batch=max_batch,
+    )

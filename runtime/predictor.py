@@ -1,0 +1,208 @@
+"""`Predictor`: artifact folder -> predictions. Pre- and post-processing are written once, here;
+the engines only turn named arrays into log-probs.
+
+Preprocessing is `dmf.preprocess` with every parameter taken from dmf.json (sample rate, input
+samples, normalisation, token count) and the artifact's tokenizer.json. Torch-free.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from dmf.preprocess import AudioError, TextEncoder, TextError, preprocess_audio, validate_text
+
+from .artifact import AUDIO_INPUT, IDS_INPUT, MASK_INPUT, Artifact, ArtifactError, load_artifact
+from .engines import Engine, EngineError, create_engine
+
+DEFAULT_MIN_SECONDS = 0.1
+DEFAULT_MAX_SECONDS = 60.0
+DEFAULT_MAX_TEXT_CHARS = 2000
+
+
+class InputError(ValueError):
+    """A request that is malformed as a whole (wrong item shape, missing field)."""
+
+
+INPUT_ERRORS = (AudioError, TextError, InputError)
+"""Everything a bad request can raise: the caller's fault, never the model's."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One result: the arg-max label, probabilities by label (in dmf.json's label order) and the
+    raw log-probabilities the model returned."""
+
+    label: str
+    probabilities: dict[str, float]
+    log_probs: tuple[float, ...] = field(repr=False, default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "probabilities": dict(self.probabilities)}
+
+
+def _normalise(x: np.ndarray, eps: float) -> np.ndarray:
+    """(x - mean) / sqrt(var + eps) over the padded clip: the same expression as
+    dmf.preprocess.normalize_audio, with dmf.json's eps."""
+    return ((x - x.mean()) / np.sqrt(x.var() + eps)).astype(np.float32)
+
+
+class Predictor:
+    """Load with `Predictor.load(artifact_dir)`; thread-safe (preprocessing is stateless, the ORT
+    session is thread-safe and the TensorRT engine serialises its calls)."""
+
+    def __init__(self, artifact: Artifact, engine: Engine, *, min_seconds: float = DEFAULT_MIN_SECONDS,
+                 max_seconds: float | None = DEFAULT_MAX_SECONDS,
+                 max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> None:
+        self.artifact = artifact
+        self.engine = engine
+        self.labels: tuple[str, ...] = artifact.labels
+        self.min_seconds = min_seconds
+        self.max_seconds = max_seconds
+        self.max_text_chars = max_text_chars
+        limits = [artifact.max_batch] + ([engine.max_batch] if engine.max_batch else [])
+        self.max_batch = min(limits)
+        self.text_encoder = None
+        if artifact.uses_text:
+            try:
+                self.text_encoder = TextEncoder.from_file(artifact.tokenizer_path, artifact.max_tokens,
+                                                          max_chars=max_text_chars)
+            except (ValueError, TextError) as exc:
+                raise ArtifactError(str(exc)) from None
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path, engine: str = "auto", providers: str | Sequence[str] | None = None,
+             threads: int | None = None, *, verify: bool = True, min_seconds: float = DEFAULT_MIN_SECONDS,
+             max_seconds: float | None = DEFAULT_MAX_SECONDS,
+             max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> "Predictor":
+        """Validate the artifact (dmf.json, files, sha256) and open its engine.
+
+        engine: "auto" (dmf.json's engine), "onnx" (onnxruntime) or "trt" (native TensorRT plan).
+        providers: onnxruntime execution providers ("cpu", "cuda", "tensorrt" or full names);
+        None picks CUDA when available, then CPU. threads: onnxruntime intra-op threads.
+        min_seconds / max_seconds: the accepted clip length (before cropping to the model's input)."""
+        artifact = load_artifact(artifact_dir, verify=verify)
+        return cls(artifact, create_engine(artifact, engine, providers, threads),
+                   min_seconds=min_seconds, max_seconds=max_seconds, max_text_chars=max_text_chars)
+
+    # ------------------------------------------------------------------------------ steps
+    def preprocess(self, audio: Any, text: Any, sample_rate: int | None = None, *,
+                   min_seconds: float | None = None, max_seconds: float | None = None) -> dict[str, np.ndarray]:
+        """One request -> its model inputs, unbatched: audio (S,), input_ids (L,), attention_mask (L,).
+        Raises AudioError / TextError with a one-line message. A modality the model does not use
+        is ignored (may be None). min_seconds / max_seconds override the predictor's limits."""
+        a = self.artifact
+        arrays: dict[str, np.ndarray] = {}
+        if a.uses_text:
+            if text is None:
+                raise TextError("text: missing (this model needs a transcript)")
+            clean = validate_text(text, field="text", max_chars=self.max_text_chars)
+            ids, mask = self.text_encoder.encode([clean])
+            arrays[IDS_INPUT], arrays[MASK_INPUT] = ids[0], mask[0]
+        if a.uses_audio:
+            if audio is None:
+                raise AudioError("audio: missing (this model needs an audio clip)")
+            if isinstance(sample_rate, bool) or (sample_rate is not None and not isinstance(sample_rate, (int, np.integer))):
+                raise AudioError(f"sample_rate {sample_rate!r} is invalid: expected a positive integer")
+            _check_not_empty(audio)
+            x = preprocess_audio(audio, sample_rate, target_rate=a.sample_rate, num_samples=a.input_samples,
+                                 normalize=False,
+                                 min_seconds=self.min_seconds if min_seconds is None else min_seconds,
+                                 max_seconds=self.max_seconds if max_seconds is None else max_seconds)
+            arrays[AUDIO_INPUT] = _normalise(x, a.eps) if a.do_normalize else x
+        return arrays
+
+    def infer(self, items: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+        """Preprocessed items -> (B, C) log-probs; batches larger than max_batch are split."""
+        if not items:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        outs = []
+        for start in range(0, len(items), self.max_batch):
+            chunk = items[start:start + self.max_batch]
+            batch = {name: np.stack([it[name] for it in chunk]) for name in self.artifact.input_names}
+            try:
+                out = self.engine.infer(batch)
+            except EngineError:
+                raise
+            except Exception as exc:  # backend-specific exception types
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise EngineError(f"inference failed: {first}") from None
+            if out.shape != (len(chunk), len(self.labels)):
+                raise EngineError(f"model returned shape {out.shape}: expected ({len(chunk)}, {len(self.labels)})")
+            outs.append(out)
+        return np.concatenate(outs, axis=0)
+
+    def postprocess(self, log_probs: np.ndarray) -> Prediction:
+        """One row of log-probs -> Prediction (probabilities renormalised in float64)."""
+        row = np.asarray(log_probs, dtype=np.float64)
+        probs = np.exp(row - row.max())
+        probs /= probs.sum()
+        return Prediction(label=self.labels[int(np.argmax(row))],
+                          probabilities={lab: float(p) for lab, p in zip(self.labels, probs)},
+                          log_probs=tuple(float(v) for v in row))
+
+    # ------------------------------------------------------------------------------ API
+    def predict(self, audio: Any, text: Any, sample_rate: int | None = None) -> Prediction:
+        """audio: a path, bytes, a binary file object, or a float numpy array (then `sample_rate`
+        is required); text: the transcript (str, or UTF-8 bytes)."""
+        arrays = self.preprocess(audio, text, sample_rate)
+        return self.postprocess(self.infer([arrays])[0])
+
+    def predict_batch(self, items: Iterable[Any]) -> list[Prediction]:
+        """items: (audio, text), (audio, text, sample_rate) or {"audio", "text", "sample_rate"?}.
+        A bad item raises its AudioError / TextError / InputError prefixed with `items[i]`;
+        nothing is run then."""
+        arrays = []
+        for i, item in enumerate(items):
+            audio, text, rate = unpack_item(item, where=f"items[{i}]")
+            try:
+                arrays.append(self.preprocess(audio, text, rate))
+            except INPUT_ERRORS as exc:
+                raise type(exc)(f"items[{i}]: {exc}") from None
+        return [self.postprocess(row) for row in self.infer(arrays)]
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "Predictor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Predictor({str(self.artifact.path)!r}, engine={self.engine.name!r}, "
+                f"providers={self.engine.providers}, labels={list(self.labels)})")
+
+
+def _check_not_empty(audio: Any) -> None:
+    """A clearer message than the decoder's for a 0-byte upload or file."""
+    if isinstance(audio, (bytes, bytearray, memoryview)) and len(audio) == 0:
+        raise AudioError("<bytes>: audio is empty (0 bytes)")
+    if isinstance(audio, (str, Path)):
+        try:
+            if Path(audio).stat().st_size == 0:
+                raise AudioError(f"{audio}: audio file is empty (0 bytes)")
+        except OSError:
+            pass  # load_audio reports missing/unreadable files
+    if isinstance(audio, io.BytesIO) and audio.getbuffer().nbytes == 0:
+        raise AudioError(f"{getattr(audio, 'name', '<stream>')}: audio is empty (0 bytes)")
+
+
+def unpack_item(item: Any, where: str = "item") -> tuple[Any, Any, int | None]:
+    """(audio, text), (audio, text, sample_rate) or a mapping -> (audio, text, sample_rate)."""
+    if isinstance(item, Mapping):
+        unknown = set(item) - {"audio", "text", "sample_rate", "id"}
+        if unknown:
+            raise InputError(f"{where}: unknown key(s) {sorted(unknown)}: expected audio, text, sample_rate")
+        if "audio" not in item and "text" not in item:
+            raise InputError(f"{where}: expected keys 'audio' and 'text'")
+        return item.get("audio"), item.get("text"), item.get("sample_rate")
+    if isinstance(item, (tuple, list)) and len(item) in (2, 3):
+        return item[0], item[1], (item[2] if len(item) == 3 else None)
+    raise InputError(f"{where}: expected (audio, text), (audio, text, sample_rate) or a dict, "
+                     f"got {type(item).__name__}")
