@@ -3,11 +3,18 @@
 Config precedence: preset < --config file < explicit flags. Library errors (ConfigError, DataError,
 CheckpointError, AudioError, ...) become one red `error: ...` line on stderr and exit code 2.
 torch is imported inside the command, so `dmf --help` stays light.
+
+Several processes: `--nproc N` re-launches this same command through torchrun
+(`python -m torch.distributed.run --standalone --nproc-per-node N -m dmf.train ...`); under torchrun
+(`torchrun ... -m dmf.train ...`, one or several hosts) each worker joins the process group from
+the environment. Rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -21,8 +28,12 @@ SECTIONS = ("model", "data", "train")
 
 def _fail(exc: Exception) -> None:
     """One red line on stderr, exit code 2."""
+    from rich.markup import escape
+
     message = " ".join(str(exc).split()) or type(exc).__name__
-    Console(stderr=True).print(f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+    # escaped: messages quote paths and backend errors with [brackets] that rich would read as markup
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False,
+                               soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -103,7 +114,7 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 
 def _run(flags: dict, preset_name: str, config_file: Path | None, fold: str, out: Path,
-         checkpoint_every: int, progress: bool) -> dict:
+         checkpoint_every: int, progress: bool, memory_check: str = "epoch") -> dict:
     from dmf.data.corpus import load_corpus
     from dmf.train.loso import run_training
     from dmf.train.trainer import FitOptions
@@ -112,10 +123,44 @@ def _run(flags: dict, preset_name: str, config_file: Path | None, fold: str, out
     folds = parse_folds(fold)
     if checkpoint_every < 0:
         raise ConfigError(f"--checkpoint-every {checkpoint_every}: expected an integer >= 0")
+    if memory_check not in ("epoch", "step"):
+        raise ConfigError(f"--memory-check {memory_check!r}: expected 'epoch' or 'step'")
     corpus = load_corpus(config.data.path, config.data.format, labels=config.model.labels)
-    options = FitOptions(progress=progress, checkpoint_every=checkpoint_every,
+    options = FitOptions(progress=progress, checkpoint_every=checkpoint_every, memory_check=memory_check,
                          log=lambda line: Console().print(line, highlight=False))
     return run_training(config, corpus, out, folds, options=options)
+
+
+def _forwarded_args(ctx, skip: tuple[str, ...] = ("nproc",)) -> list[str]:
+    """This command's own options, rebuilt from the parsed values (not sys.argv, which differs
+    between `dmf train` and `python -m dmf.train`), minus the launcher's."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in skip or value is None:
+            continue
+        if getattr(param, "is_flag", False) and param.secondary_opts:  # --x/--no-x
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        elif getattr(param, "is_flag", False):
+            if value:
+                args.append(param.opts[0])
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
+def _launch(nproc: int, args: list[str]) -> int:
+    """Run `python -m dmf.train ARGS` as `nproc` workers under torchrun on this host; its exit status.
+    torchrun stops every worker as soon as one fails, so one dead rank fails the whole job."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "dmf.train", *args]
+    return subprocess.run(command).returncode
+
+
+def _distributed_error() -> type[Exception]:
+    from dmf.train.distributed import DistributedError
+
+    return DistributedError
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -129,6 +174,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def train(
+    ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="Corpus: IEMOCAP root (Session1..5/) or manifest (.csv/.jsonl)."),
     out: Path = typer.Option(..., "--out", help="Output folder (fold checkpoints, metrics, report)."),
     format: Optional[str] = typer.Option(None, "--format", help="auto | iemocap | manifest."),
@@ -145,16 +191,72 @@ def train(
     config_file: Optional[Path] = typer.Option(None, "--config", help="JSON config (partial sections allowed)."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between resume states; 0: epoch ends."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes on this host (one per GPU), launched via torchrun; "
+                                                 "--batch-size is per process."),
+    memory_check: str = typer.Option("epoch", "--memory-check",
+                                     help="Several processes: compare the memory across ranks every 'epoch' or 'step'."),
+    dist_timeout: float = typer.Option(900.0, "--dist-timeout",
+                                       help="Several processes: seconds a rank waits for the others before failing."),
 ) -> None:
     """Train and evaluate leave-one-session-out folds; re-running the same command resumes."""
+    if nproc > 1:
+        _launch_or_fail(nproc, ctx)
+        return
     flags = dict(data=str(data), format=format, fusion=fusion, audio_encoder=audio_encoder,
                  text_encoder=text_encoder, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                  lr=lr, seed=seed)
     try:
-        summary = _run(flags, preset_name, config_file, fold, out, checkpoint_every, progress)
-    except _user_errors() as exc:
+        main = _join_group(nproc, dist_timeout)
+        summary = _run(flags, preset_name, config_file, fold, out, checkpoint_every, progress and main,
+                       memory_check)
+    except _user_errors() + (_distributed_error(),) as exc:
         _fail(exc)
-    _print_summary(summary, out)
+    except RuntimeError as exc:
+        _fail_if_peer_lost(exc)
+        raise
+    finally:
+        _leave_group()
+    if main:
+        _print_summary(summary, out)
+
+
+def _fail_if_peer_lost(exc: RuntimeError) -> None:
+    """A collective broken by a dead or hung rank: one line instead of the traceback."""
+    from dmf.train.distributed import peer_failure
+
+    lost = peer_failure(exc)
+    if lost is not None:
+        _fail(lost)
+
+
+def _launch_or_fail(nproc: int, ctx: typer.Context) -> None:
+    from dmf.train.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        _fail(ConfigError(f"--nproc {nproc} launches torchrun itself: under torchrun, leave it out"))
+    code = _launch(nproc, _forwarded_args(ctx))
+    if code != 0:
+        Console(stderr=True).print(
+            f"[red]error:[/red] distributed training failed: a worker exited with an error or was killed "
+            f"(torchrun exit status {code}, details above); re-run the same command to resume",
+            markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(code if code > 0 else 1)  # killed by a signal: negative status
+
+
+def _join_group(nproc: int, timeout_s: float) -> bool:
+    """Join torchrun's process group when launched by it; True on rank 0 (the one that prints)."""
+    from dmf.train.distributed import init_from_env
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: expected an integer >= 1")
+    return init_from_env(timeout_s).is_main
+
+
+def _leave_group() -> None:
+    if "torch" in sys.modules:  # nothing to leave if torch was never imported (an early config error)
+        from dmf.train.distributed import shutdown
+
+        shutdown()
 
 
 def register(app: typer.Typer) -> None:

@@ -5,6 +5,8 @@ out_dir/
   foldK/           complete checkpoint of fold K (best validation UA) + metrics.json + confusion.png
   metrics.json     per fold + pooled over every finished fold's test predictions + throughput
   report.md        the same as tables, with the paper's figures
+
+In a multi-process run (torchrun) every rank runs the folds together; rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Sequence
 
 from dmf.config import ConfigError, DMFConfig, atomic_write_text
 from dmf.data.corpus import Corpus, DataError
+from dmf.train import distributed
 from dmf.train.dataset import AudioCache, check_fold, loso_split
 from dmf.train.metrics import compute_metrics, plot_confusion
 from dmf.train.report import render_report
@@ -32,7 +35,7 @@ def _check_run_config(out_dir: Path, config: DMFConfig) -> None:
     path = out_dir / "config.json"
     if path.is_file() and path.read_text() != config.to_json():
         raise ConfigError(f"{path} holds a different config: resume with the same options or use a new --out")
-    if not path.is_file():
+    if not path.is_file() and distributed.context().is_main:
         config.save(path)
 
 
@@ -47,11 +50,15 @@ def run_fold(config: DMFConfig, corpus: Corpus, fold: int, out_dir: Path, audio:
     """Train and test one fold; a fold with metrics.json is finished and only read back."""
     fold_dir = out_dir / f"fold{fold}"
     done = fold_dir / METRICS_NAME
+    main = distributed.context().is_main
     if done.is_file():
-        clear_resume(fold_dir)  # a kill between writing metrics and clearing leaves one behind
+        if main:
+            clear_resume(fold_dir)  # a kill between writing metrics and clearing leaves one behind
         return json.loads(done.read_text())
     split = loso_split(corpus, fold, config.data.val_fraction, config.data.seed)
     metrics = fit(config, split, fold_dir, audio, options)
+    if not main:
+        return metrics
     plot_confusion(metrics["confusion"], metrics["labels"], fold_dir / "confusion.png",
                    title=f"fold {fold} (test {split.test_session}): UA {100 * metrics['ua']:.1f}%")
     _write_json(done, metrics)
@@ -104,7 +111,10 @@ def run_training(config: DMFConfig, corpus: Corpus, out_dir: str | Path, folds: 
     audio = AudioCache(config.model)
     for fold in folds:
         run_fold(config, corpus, fold, out_dir, audio, options)
+        distributed.barrier()  # rank 0 has written the fold's files before any rank reads them
+    if not distributed.context().is_main:
+        return distributed.broadcast_object(None)
     summary = summarize(finished_folds(out_dir, n_sessions), n_sessions)
     _write_json(out_dir / METRICS_NAME, summary)
     atomic_write_text(out_dir / "report.md", render_report(summary, config))
-    return summary
+    return distributed.broadcast_object(summary)

@@ -4,6 +4,10 @@ The fold folder is a complete checkpoint (`DMFModel.save_pretrained`) of the bes
 A resume state lives in `fold_dir/_resume/`: each save is a fresh sub-folder (model checkpoint +
 `state.pt` with optimizer, counters, RNG states, pending memory), published by atomically
 rewriting `latest.json`, so a kill at any instant leaves the previous state usable.
+
+Under torchrun (`dmf.train.distributed`) every rank runs this same loop on its shard of each global
+batch, through DistributedDataParallel; rank 0 alone evaluates, writes files and shows progress,
+and shares its decisions (early stopping, metrics) with the others by broadcast.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
-from dmf.config import DMFConfig, TrainConfig, atomic_write_text
+from dmf.config import ConfigError, DMFConfig, TrainConfig, atomic_write_text
 from dmf.model import CheckpointError, DMFModel, dmf_loss, parameter_groups
+from dmf.train import distributed
 from dmf.train.dataset import AudioCache, Batchable, FoldSplit, encode_utterances
 from dmf.train.metrics import compute_metrics
 
@@ -38,6 +44,7 @@ class FitOptions:
     progress: bool = True  # rich progress bars (epoch, step, loss, running accuracy)
     checkpoint_every: int = 50  # optimizer steps between mid-epoch resume states; 0: epoch ends only
     log: Callable[[str], None] | None = None  # receives one-line notes (resuming, epoch results); None: silent
+    memory_check: str = "epoch"  # multi-process runs: compare the memory across ranks every "epoch" or "step"
 
 
 @dataclass
@@ -53,7 +60,8 @@ class TrainState:
     stale_epochs: int = 0  # epochs since the last improvement (early stopping)
     stopped: bool = False  # early-stopped or all epochs done
     train_seconds: float = 0.0  # wall time in training steps (excludes evaluation, preprocessing)
-    trained_utterances: int = 0  # utterances through training steps
+    trained_utterances: int = 0  # utterances through training steps (all ranks together)
+    world_size: int = 1  # processes of the run that wrote the state (the batch order depends on it)
     running: dict = field(default_factory=lambda: dict(loss=0.0, nll=0.0, correct=0, seen=0, batches=0))
     history: list = field(default_factory=list)  # one dict per finished epoch
 
@@ -91,14 +99,29 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.
     return batches
 
 
+def rank_batches(n: int, cfg: TrainConfig, epoch: int, ctx: distributed.Context) -> list[torch.Tensor]:
+    """This rank's row indices of each step: the epoch's global batches of world * batch_size rows,
+    sharded in rank order (`distributed.shard_batches`); exactly `epoch_batches` in one process."""
+    global_batches = epoch_batches(n, cfg.batch_size * ctx.world_size, cfg.seed, epoch)
+    return distributed.shard_batches(global_batches, ctx.rank, ctx.world_size)
+
+
 # --------------------------------------------------------------------------------- steps, evaluation
 
 
-def train_step(model: DMFModel, optimizer: torch.optim.Optimizer, batch: tuple, config: DMFConfig) -> dict:
-    """One optimizer step on (audio, ids, mask, labels); returns loss, nll and correct count."""
-    audio, ids, mask, labels = batch
-    model.train()
-    log_probs, new_memory = model(audio, ids, mask)  # (B, C), new memory (n, d) x2 or None
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def train_step(model: DMFModel, optimizer: torch.optim.Optimizer, batch: tuple, config: DMFConfig,
+               forward: nn.Module | None = None) -> dict:
+    """One optimizer step on (audio, ids, mask, labels); returns loss, nll and correct count.
+    `forward`: what runs the batch, the DistributedDataParallel wrapper of `model` under torchrun."""
+    forward = forward if forward is not None else model
+    device = _device_of(model)
+    audio, ids, mask, labels = (t.to(device) for t in batch)
+    forward.train()
+    log_probs, new_memory = forward(audio, ids, mask)  # (B, C), new memory (n, d) x2 or None
     loss, parts = dmf_loss(log_probs, labels, new_memory, config.model.similarity_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -113,10 +136,11 @@ def train_step(model: DMFModel, optimizer: torch.optim.Optimizer, batch: tuple, 
 def predict(model: DMFModel, data: Batchable, batch_size: int = 16) -> np.ndarray:
     """Eval-mode class indices (N,) in data order (eval never writes memory)."""
     model.eval()
+    device = _device_of(model)
     preds = []
     for index in torch.arange(len(data)).split(batch_size):
-        audio, ids, mask, _ = data.rows(index)
-        preds.append(model(audio, ids, mask).argmax(-1))
+        audio, ids, mask, _ = (t.to(device) for t in data.rows(index))
+        preds.append(model(audio, ids, mask).argmax(-1).cpu())
     return torch.cat(preds).numpy()
 
 
@@ -164,9 +188,12 @@ def _rng_state() -> dict:
     """RNG states as tensors and ints, so torch.load(weights_only=True) can read them back."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, mt, py_gauss = random.getstate()
-    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-            "numpy_rest": [int(pos), int(has_gauss), float(gauss)],
-            "python": [version, torch.tensor(mt, dtype=torch.int64), py_gauss]}
+    state = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_rest": [int(pos), int(has_gauss), float(gauss)],
+             "python": [version, torch.tensor(mt, dtype=torch.int64), py_gauss]}
+    if torch.cuda.is_available():  # the Gumbel noise of a GPU run comes from the current device's generator
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
@@ -175,6 +202,8 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, mt, py_gauss = state["python"]
     random.setstate((version, tuple(int(v) for v in mt.tolist()), py_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])  # every rank: the ranks' streams are identical anyway
 
 
 def save_resume(fold_dir: Path, model: DMFModel, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
@@ -198,8 +227,10 @@ def save_resume(fold_dir: Path, model: DMFModel, optimizer: torch.optim.Optimize
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_resume(fold_dir: Path, config: DMFConfig):
-    """(model, optimizer, state) from the latest resume state, or None when there is none."""
+def load_resume(fold_dir: Path, config: DMFConfig, ctx: distributed.Context | None = None):
+    """(model, optimizer, state) from the latest resume state, or None when there is none.
+    Every rank of a multi-process run loads the same state (rank 0 wrote it)."""
+    ctx = ctx or distributed.context()
     root = _resume_root(fold_dir)
     if root is None:
         return None
@@ -210,15 +241,26 @@ def load_resume(fold_dir: Path, config: DMFConfig):
         raise CheckpointError(f"corrupt resume state in {root} ({exc}); delete it to start the fold over") from None
     if payload.get("format") != RESUME_FORMAT:
         raise CheckpointError(f"{path / 'state.pt'} is not a {RESUME_FORMAT} resume state")
-    model = DMFModel.from_pretrained(path / "model").train()
+    _check_world_size(payload["state"], ctx, path)
+    model = DMFModel.from_pretrained(path / "model").train().to(ctx.device)
     optimizer = build_optimizer(model, config.train)
     optimizer.load_state_dict(payload["optimizer"])
     if payload["pending_memory"] is not None:
-        model.fusion.pending_memory = tuple(payload["pending_memory"])
+        model.fusion.pending_memory = tuple(t.to(ctx.device) for t in payload["pending_memory"])
     _set_rng_state(payload["rng"])
     if config.train.num_threads > 0:
         torch.set_num_threads(config.train.num_threads)
     return model, optimizer, TrainState(**payload["state"])
+
+
+def _check_world_size(state: dict, ctx: distributed.Context, path: Path) -> None:
+    """Mid-epoch, the remaining batches depend on the process count (global batch = world x batch
+    size): continuing with another count would replay a different order. At an epoch end any count
+    may continue."""
+    written = state.get("world_size", 1)
+    if state.get("step", 0) > 0 and written != ctx.world_size:
+        raise CheckpointError(f"{path} was written mid-epoch by a {written}-process run; resume it with "
+                              f"{written} processes (--nproc {written}), or delete it to start the fold over")
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -244,6 +286,20 @@ class _Run:
     train: Batchable
     val: Batchable
     options: FitOptions
+    ctx: distributed.Context = field(default_factory=distributed.Context)
+    forward: nn.Module | None = None  # the DDP wrapper of `model` in a multi-process run
+
+
+def _global_step_stats(out: dict, ctx: distributed.Context) -> dict:
+    """Loss and accuracy of the global batch (mean of the ranks' equal-size means, summed counts),
+    so the running figures, history and resume state are the same on every rank."""
+    if not ctx.distributed:
+        return out
+    values = torch.tensor([out["loss"], out["nll"], out["correct"], out["seen"]], dtype=torch.float64)
+    values = values.to(ctx.device)
+    torch.distributed.all_reduce(values)
+    loss, nll, correct, seen = values.tolist()
+    return dict(loss=loss / ctx.world_size, nll=nll / ctx.world_size, correct=int(correct), seen=int(seen))
 
 
 def _accumulate(state: TrainState, out: dict, seconds: float) -> None:
@@ -262,22 +318,36 @@ def _accumulate(state: TrainState, out: dict, seconds: float) -> None:
 def run_epoch(run: _Run, progress, task) -> None:
     """Train the rest of the current epoch (from state.step), with mid-epoch resume states."""
     state, cfg = run.state, run.config.train
-    batches = epoch_batches(len(run.train), cfg.batch_size, cfg.seed, state.epoch)
+    batches = rank_batches(len(run.train), cfg, state.epoch, run.ctx)
     progress.reset(task, total=len(batches), completed=state.step,
                    description=f"epoch {state.epoch + 1}/{cfg.epochs}")
     for index in batches[state.step:]:
         start = time.perf_counter()
-        out = train_step(run.model, run.optimizer, run.train.rows(index), run.config)
-        _accumulate(state, out, time.perf_counter() - start)
+        out = train_step(run.model, run.optimizer, run.train.rows(index), run.config, run.forward)
+        _accumulate(state, _global_step_stats(out, run.ctx), time.perf_counter() - start)
+        if run.options.memory_check == "step":
+            distributed.check_memory_in_sync(run.model, state.epoch + 1, state.step)
         r = state.running
         progress.update(task, advance=1, loss=r["loss"] / r["batches"], acc=r["correct"] / max(r["seen"], 1))
         every = run.options.checkpoint_every
-        if every > 0 and state.global_step % every == 0 and state.step < len(batches):
+        if every > 0 and state.global_step % every == 0 and state.step < len(batches) and run.ctx.is_main:
             save_resume(run.fold_dir, run.model, run.optimizer, state)
+    distributed.check_memory_in_sync(run.model, state.epoch + 1, state.step)
 
 
 def end_epoch(run: _Run) -> dict:
-    """Validate, keep the best checkpoint, update early stopping, record history."""
+    """Validate, keep the best checkpoint, update early stopping, record history. In a multi-process
+    run rank 0 does this alone (eval never writes memory) and the others take its state: they wait
+    for it in the broadcast."""
+    if run.ctx.is_main:
+        entry = _end_epoch_main(run)
+    else:
+        entry = None
+    run.state, entry = distributed.broadcast_object((run.state, entry))
+    return entry
+
+
+def _end_epoch_main(run: _Run) -> dict:
     state, cfg = run.state, run.config.train
     val = evaluate(run.model, run.val, cfg.batch_size)
     r = state.running
@@ -302,44 +372,61 @@ def _note(options: FitOptions, message: str) -> None:
         options.log(message)
 
 
-def _start(config: DMFConfig, split: FoldSplit, fold_dir: Path, options: FitOptions):
-    resumed = load_resume(fold_dir, config)
+def _start(config: DMFConfig, split: FoldSplit, fold_dir: Path, options: FitOptions, ctx: distributed.Context):
+    resumed = load_resume(fold_dir, config, ctx)
     if resumed is not None:
         state = resumed[2]
         _note(options, f"fold {split.fold}: resuming at epoch {state.epoch + 1}, step {state.step} "
                        f"(global step {state.global_step})")
+        state.world_size = ctx.world_size
         return resumed
+    # the same seed on every rank: identical initial weights, and identical RNG streams, so rank
+    # 0's saved RNG state resumes every rank exactly
     seed_everything(config.train.seed, config.train.num_threads)
     texts = [u.text for u in split.train]
-    model = DMFModel(config, texts=texts, pretrained=True)
-    return model, build_optimizer(model, config.train), TrainState()
+    model = DMFModel(config, texts=texts, pretrained=True).to(ctx.device)
+    return model, build_optimizer(model, config.train), TrainState(world_size=ctx.world_size)
+
+
+def _options_for(options: FitOptions, ctx: distributed.Context) -> FitOptions:
+    """Rank 0 shows progress and notes; the other ranks stay silent."""
+    if ctx.is_main:
+        return options
+    return dataclasses.replace(options, progress=False, log=None)
 
 
 def fit(config: DMFConfig, split: FoldSplit, fold_dir: str | Path, audio: AudioCache | None = None,
         options: FitOptions | None = None) -> dict:
     """Train one fold (resuming if a state exists), reload the best checkpoint, evaluate it on the
-    test session. Returns the fold's metrics dict (also the content of foldK/metrics.json)."""
-    options = options or FitOptions()
+    test session. Returns the fold's metrics dict (also the content of foldK/metrics.json); in a
+    multi-process run every rank trains its shard and returns rank 0's metrics."""
+    ctx = distributed.context()
+    options = _options_for(options or FitOptions(), ctx)
+    if options.memory_check not in ("epoch", "step"):
+        raise ConfigError(f"memory check {options.memory_check!r}: expected 'epoch' or 'step'")
     fold_dir = Path(fold_dir)
     audio = audio or AudioCache(config.model)
-    model, optimizer, state = _start(config, split, fold_dir, options)
+    model, optimizer, state = _start(config, split, fold_dir, options, ctx)
     train = encode_utterances(split.train, model, audio, options.progress)
     val = encode_utterances(split.val, model, audio, options.progress)
-    run = _Run(config, fold_dir, model, optimizer, state, train, val, options)
+    run = _Run(config, fold_dir, model, optimizer, state, train, val, options, ctx,
+               distributed.wrap_model(model, ctx))
     with _progress(options.progress) as progress:
         task = progress.add_task("", total=1, loss=0.0, acc=0.0)
-        while not state.stopped:
+        while not run.state.stopped:
             run_epoch(run, progress, task)
             entry = end_epoch(run)
             _note(options, f"fold {split.fold} epoch {entry['epoch']}: train loss {entry['train_loss']:.3f}, "
                            f"val UA {100 * entry['val_ua']:.1f}%")
-            save_resume(fold_dir, model, optimizer, state)
-    return _test(config, split, fold_dir, audio, state, options)
+            if ctx.is_main:
+                save_resume(fold_dir, model, optimizer, run.state)
+    metrics = _test(config, split, fold_dir, audio, run.state, options, ctx) if ctx.is_main else None
+    return distributed.broadcast_object(metrics)  # the others wait here while rank 0 tests
 
 
 def _test(config: DMFConfig, split: FoldSplit, fold_dir: Path, audio: AudioCache, state: TrainState,
-          options: FitOptions) -> dict:
-    best = DMFModel.from_pretrained(fold_dir)
+          options: FitOptions, ctx: distributed.Context | None = None) -> dict:
+    best = DMFModel.from_pretrained(fold_dir).to((ctx or distributed.Context()).device)
     test = encode_utterances(split.test, best, audio, options.progress)
     metrics = evaluate(best, test, config.train.batch_size)
     speed = state.trained_utterances / state.train_seconds if state.train_seconds > 0 else 0.0
