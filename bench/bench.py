@@ -117,7 +117,9 @@ def _add_relative_columns(rows: list[dict], flops: dict, peak: float | None) -> 
         row["speedup_vs_paper"] = paper / row["p50_ms_per_sample"] if paper else None
         f = flops.get(row["fusion"])
         row["gflops_per_s"] = f * row["throughput_per_s"] / 1e9 if f else None
-        row["peak_fraction"] = row["gflops_per_s"] / peak if (peak and row["gflops_per_s"]) else None
+        # the peak is an fp32 GEMM's: int8 MatMuls are not fp32 FLOPs, so no fraction for them
+        fp32 = not row["engine"].endswith("int8")
+        row["peak_fraction"] = row["gflops_per_s"] / peak if (peak and row["gflops_per_s"] and fp32) else None
 
 
 def machine_info(threads: int) -> dict:

@@ -227,6 +227,9 @@ def preset(name: str, **model_overrides: Any) -> DMFConfig:
             audio_encoder_config=dict(TINY_AUDIO_ENCODER), text_encoder_config=dict(TINY_TEXT_ENCODER),
             embed_dim=32, memory_slots=16, cbp_dim=64, attention_tokens=4, attention_heads=2,
             writer_heads=2, writer_ff_dim=64, classifier_hidden=(64, 32), dropout=0.1,
+            # w = 1 (the paper's) held the tiny model back: on the demo corpus, fold 1, memory
+            # fusion reached 51 UA with w = 1 against 71 with w = 0.1 (and 71 with w = 0).
+            similarity_weight=0.1,
         )
         base.update(model_overrides)
         train = TrainConfig(optimizer="adamw", lr=2e-3, memory_lr=2e-3, epochs=30, batch_size=16, patience=8)

@@ -514,3 +514,25 @@ def test_native_tensorrt_plan_matches_onnx(rt, predictor, tmp_path):
         np.testing.assert_allclose(_probs(a), _probs(b), atol=1e-3)
     one = trt_pred.predict(*items[0])  # batch 1 after batch 8: shapes change between calls
     np.testing.assert_allclose(_probs(one), _probs(predictor.predict(*items[0])), atol=1e-3)
+
+
+def test_training_pipeline_and_runtime_give_identical_arrays(rt, predictor):
+    """The trainer's dataset code (dmf.train.dataset) and the runtime's Predictor turn the same
+    files and transcripts into the very same arrays."""
+    if rt.checkpoint is None:
+        pytest.skip("no checkpoint for the prebuilt artifact (DMF_TEST_CHECKPOINT unset)")
+    pytest.importorskip("torch")
+    from dmf.data.corpus import Utterance
+    from dmf.model import DMFModel
+    from dmf.train.dataset import encode_utterances
+
+    model = DMFModel.from_pretrained(rt.checkpoint)
+    names = ["good0.wav", "stereo.wav", "rate44k.wav", "long6s.wav"]
+    utts = [Utterance(n, Path(rt.clips[n]), TEXTS[i], model.model_config.labels[0], "S1", "S1F")
+            for i, n in enumerate(names)]
+    batch = encode_utterances(utts, model)
+    for i, utt in enumerate(utts):
+        arrays = predictor.preprocess(str(utt.audio_path), utt.text)
+        np.testing.assert_array_equal(arrays["audio"], batch.audio[i].numpy())
+        np.testing.assert_array_equal(arrays["input_ids"], batch.input_ids[i].numpy())
+        np.testing.assert_array_equal(arrays["attention_mask"], batch.attention_mask[i].numpy())
