@@ -90,7 +90,8 @@ def plot(result: dict, path: Path) -> None:
                 linestyle="-" if fusion == "memory" else "--", label=f"{engine} / {fusion}")
     for fusion, ms in result.get("paper_ms_per_sample", {}).items():
         ax.axhline(ms, color="grey", linewidth=0.8, linestyle=":")
-        ax.annotate(f"paper {fusion} {ms:.0f} ms", (ax.get_xlim()[0], ms), fontsize=8, color="grey")
+        ax.text(0.01, ms, f"paper {fusion}: {ms:.0f} ms", transform=ax.get_yaxis_transform(),
+                fontsize=8, color="grey", va="bottom")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
