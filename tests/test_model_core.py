@@ -266,3 +266,23 @@ def test_dft_matrices_follow_loaded_sketches():
         ref = model(audio, ids, mask)
         out = model.exportable(True)(audio, ids, mask)
     assert torch.allclose(ref, out, atol=1e-5)
+
+
+def test_exportable_group_norm_equals_group_norm_and_keeps_parameters():
+    from dmf.model import ExportableGroupNorm, _swap_group_norms
+
+    torch.manual_seed(0)
+    ref = torch.nn.GroupNorm(4, 4).eval()
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    ref.weight.requires_grad_(False)
+    holder = torch.nn.Sequential(ref)
+    _swap_group_norms(holder)
+    swapped = holder[0]
+    assert isinstance(swapped, ExportableGroupNorm) and swapped.weight is ref.weight
+    assert not swapped.weight.requires_grad  # frozen stays frozen
+    x = torch.randn(3, 4, 15999) * 3 + 5  # odd length, offset mean: the cases a plain mean drifts on
+    assert torch.allclose(swapped(x), torch.nn.functional.group_norm(x, 4, ref.weight, ref.bias), atol=1e-5)
+    swapped.two_pass = False
+    assert torch.equal(swapped(x), torch.nn.functional.group_norm(x, 4, ref.weight, ref.bias, ref.eps))
