@@ -39,7 +39,7 @@ def run_demo(options: DemoOptions, say) -> dict:
         metrics = _train(corpus, fusion, run_dir, options, say)
         agreement = _test_fold_arrays(corpus, run_dir / "fold1", options)
         fp32, int8 = _export(run_dir / "fold1", options.out / "artifacts" / fusion, agreement, say)
-        artifacts += [fp32, int8]
+        artifacts += [fp32] + ([int8] if isinstance(int8, Path) else [])
         summary["models"][fusion] = {"fold1": metrics, "fp32": _parity(fp32), "int8": _parity(int8)}
     summary["predictions"] = _predict_heldout(corpus, artifacts[0], options, say)
     summary["bench"] = _bench(artifacts, options, say)
@@ -88,16 +88,24 @@ def _test_fold_arrays(corpus, checkpoint: Path, options: DemoOptions) -> dict:
             "attention_mask": batch.attention_mask.numpy()}
 
 
-def _export(checkpoint: Path, out: Path, agreement: dict, say) -> tuple[Path, Path]:
-    from dmf.export import export_checkpoint
+def _export(checkpoint: Path, out: Path, agreement: dict, say) -> tuple[Path, Path | str]:
+    """fp32 artifact, and the int8 one or, when int8 fails its agreement gate (a near-tie in the
+    held-out fold can flip), the reason it was refused: the demo reports it and goes on."""
+    from dmf.export import ExportError, export_checkpoint
 
     say(f"export: {checkpoint} -> ONNX fp32 and int8")
     fp32 = export_checkpoint(checkpoint, out / "fp32", precision="fp32", force=True)
-    int8 = export_checkpoint(checkpoint, out / "int8", precision="int8", force=True, agreement_data=agreement)
+    try:
+        int8 = export_checkpoint(checkpoint, out / "int8", precision="int8", force=True, agreement_data=agreement)
+    except ExportError as exc:
+        say(f"int8 not written: {exc}")
+        return fp32, str(exc)
     return fp32, int8
 
 
-def _parity(artifact: Path) -> dict:
+def _parity(artifact: Path | str) -> dict:
+    if isinstance(artifact, str):  # the int8 export was refused: keep why
+        return {"refused": artifact}
     return json.loads((artifact / "dmf.json").read_text()).get("parity", {})
 
 
@@ -130,7 +138,8 @@ def _write_summary(summary: dict, out: Path) -> None:
     for fusion, m in summary["models"].items():
         f = m["fold1"]
         lines.append(f"| {fusion} | {f.get('wa', 0):.3f} | {f.get('ua', 0):.3f} | {f.get('macro_f1', 0):.3f} | "
-                     f"{m['fp32'].get('max_abs_diff', float('nan')):.2e} | {m['int8'].get('int8_agreement')} |")
+                     f"{m['fp32'].get('max_abs_diff', float('nan')):.2e} | "
+                     f"{m['int8'].get('int8_agreement', 'refused: ' + m['int8'].get('refused', ''))} |")
     atomic_write_text(out / "demo.md", "\n".join(lines) + "\n\n" + markdown(summary["bench"]))
 
 
@@ -150,7 +159,7 @@ def print_summary(summary: dict) -> None:
         models.add_row(fusion, f"{f.get('wa', 0):.3f}", f"{f.get('ua', 0):.3f}", f"{f.get('macro_f1', 0):.3f}",
                        f"{m['fp32'].get('max_abs_diff', float('nan')):.1e}",
                        f"{m['fp32'].get('argmax_agreement', float('nan')):.3f}",
-                       "-" if int8 is None else f"{int8:.3f}")
+                       "refused" if "refused" in m["int8"] else ("-" if int8 is None else f"{int8:.3f}"))
     console.print(models)
     preds = Table(title="held-out clips (torch-free runtime, memory fusion, ONNX fp32)")
     for col in ("id", "transcript", "true", "predicted", "p"):

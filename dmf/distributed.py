@@ -9,7 +9,6 @@ composer's BatchNorm synchronises its statistics itself (all-reduce of sums, wit
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 

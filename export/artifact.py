@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -77,22 +75,3 @@ PARITY_SUMMARY_KEYS = ("reference", "checked_with", "samples", "max_abs_diff", "
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def stage_dir(target: Path) -> Path:
-    """A fresh hidden sibling of `target` to build into (same filesystem, so the rename is atomic)."""
-    import tempfile
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-
-
-def commit_dir(staging: Path, target: Path) -> None:
-    """Move a fully written folder into place; an existing target is removed only after the swap."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)

@@ -18,6 +18,7 @@ import numpy as np
 from dmf.export import ENGINES, PRECISIONS, ExportError
 from dmf.export import artifact as art
 from dmf.export.triton import NAME_RE
+from dmf.fileio import commit_dir, stage_dir
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,9 @@ def run(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions,
     if agreement is not None:
         _check_agreement_shapes(agreement, cfg)
 
-    staging = art.stage_dir(out_dir)
-    work = art.stage_dir(out_dir.with_name(out_dir.name + ".work"))
-    triton_staging = art.stage_dir(triton_target) if triton_target is not None else None
+    staging = stage_dir(out_dir)
+    work = stage_dir(out_dir.with_name(out_dir.name + ".work"))
+    triton_staging = stage_dir(triton_target) if triton_target is not None else None
     try:
         model_file, parity = _build(model, checkpoint, work, options, agreement, step)
         step("write")
@@ -98,9 +99,9 @@ def run(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions,
             write_model(triton_staging, name=options.triton_name, engine=options.engine,
                         model_file=model_file, inputs=inputs, outputs=outputs, labels=list(cfg.labels),
                         max_batch=options.max_batch)
-        art.commit_dir(staging, out_dir)
+        commit_dir(staging, out_dir)
         if triton_staging is not None:
-            art.commit_dir(triton_staging, triton_target)
+            commit_dir(triton_staging, triton_target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if triton_staging is not None:
