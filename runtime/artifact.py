@@ -131,6 +131,29 @@ def load_artifact(path: str | Path, *, verify: bool = True) -> Artifact:
     """Read and check an artifact folder. `verify` checks each file listed in dmf.json's `files`
     against its sha256 (on by default; the files are small next to the model load itself)."""
     root = Path(path)
+    meta, where = _read_meta(root)
+    engine = _require(meta, "engine", str, where)
+    if engine not in ENGINES:
+        raise ArtifactError(f"{where}: field 'engine' = {engine!r} is invalid: expected one of {ENGINES}")
+    labels = _labels(meta, where)
+    do_normalize, eps = _normalisation(meta, where)
+    sample_rate = _positive_int(meta, "sample_rate", where)
+    input_samples = _positive_int(meta, "input_samples", where)
+    max_tokens = _positive_int(meta, "max_tokens", where)
+    max_batch = _positive_int(meta, "max_batch", where)
+    inputs, outputs = _io_specs(meta, where, input_samples, max_tokens, len(labels))
+    model_path, tokenizer_path = _model_files(meta, root, where, [s.name for s in inputs])
+    _check_digests(meta, root, where, model_path, verify)
+    return Artifact(
+        path=root, meta=meta, engine=engine, precision=str(meta.get("precision", "fp32")),
+        model_path=model_path, tokenizer_path=tokenizer_path, labels=tuple(labels),
+        sample_rate=sample_rate, input_samples=input_samples, max_tokens=max_tokens,
+        do_normalize=do_normalize, eps=float(eps), inputs=inputs, outputs=outputs, max_batch=max_batch,
+    )
+
+
+def _read_meta(root: Path) -> tuple[dict, Path]:
+    """dmf.json as a dict of a supported format and schema version, and its path."""
     if not root.exists():
         raise ArtifactError(f"{root}: artifact folder does not exist")
     if not root.is_dir():
@@ -153,20 +176,28 @@ def load_artifact(path: str | Path, *, verify: bool = True) -> Artifact:
         raise ArtifactError(f"{where}: schema_version {version!r} is not supported by this runtime "
                             f"(supported: {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}); "
                             "re-export the checkpoint or upgrade dmf")
+    return meta, where
 
-    engine = _require(meta, "engine", str, where)
-    if engine not in ENGINES:
-        raise ArtifactError(f"{where}: field 'engine' = {engine!r} is invalid: expected one of {ENGINES}")
+
+def _labels(meta: dict, where: Path) -> list[str]:
     labels = _require(meta, "labels", list, where)
     if len(labels) < 2 or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels):
         raise ArtifactError(f"{where}: field 'labels' = {labels!r} is invalid: expected >= 2 distinct names")
+    return labels
+
+
+def _normalisation(meta: dict, where: Path) -> tuple[bool, float]:
     norm = _require(meta, "normalisation", dict, where)
     do_normalize = norm.get("do_normalize")
     eps = norm.get("eps", 1e-7)
     if not isinstance(do_normalize, bool) or not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
         raise ArtifactError(f"{where}: field 'normalisation' = {norm!r} is invalid: "
                             "expected {'do_normalize': bool, 'eps': float >= 0}")
+    return do_normalize, eps
 
+
+def _io_specs(meta: dict, where: Path, input_samples: int, max_tokens: int, n_labels: int):
+    """Inputs the runtime knows how to feed, shaped as the contract says; one output per label."""
     inputs = _specs(meta, "inputs", where)
     outputs = _specs(meta, "outputs", where)
     names = [s.name for s in inputs]
@@ -176,20 +207,19 @@ def load_artifact(path: str | Path, *, verify: bool = True) -> Artifact:
     if (IDS_INPUT in names) != (MASK_INPUT in names) or not names:
         raise ArtifactError(f"{where}: field 'inputs' {names} is invalid: expected audio and/or "
                             "input_ids + attention_mask")
-    sample_rate = _positive_int(meta, "sample_rate", where)
-    input_samples = _positive_int(meta, "input_samples", where)
-    max_tokens = _positive_int(meta, "max_tokens", where)
-    max_batch = _positive_int(meta, "max_batch", where)
     for spec in inputs:
         expected = input_samples if spec.name == AUDIO_INPUT else max_tokens
         if len(spec.shape) != 2 or spec.shape[1] != expected:
             raise ArtifactError(f"{where}: input '{spec.name}' has shape {list(spec.shape)}: "
                                 f"expected ['batch', {expected}]")
     out = outputs[0]
-    if len(out.shape) != 2 or out.shape[1] != len(labels):
+    if len(out.shape) != 2 or out.shape[1] != n_labels:
         raise ArtifactError(f"{where}: output '{out.name}' has shape {list(out.shape)}: "
-                            f"expected ['batch', {len(labels)}] (one per label)")
+                            f"expected ['batch', {n_labels}] (one per label)")
+    return inputs, outputs
 
+
+def _model_files(meta: dict, root: Path, where: Path, names: list[str]) -> tuple[Path, Path | None]:
     model_path = _inside(root, _require(meta, "model_file", str, where), where, "model_file")
     if not model_path.is_file():
         raise ArtifactError(f"{model_path}: model file missing (named by {META_NAME} 'model_file')")
@@ -198,22 +228,19 @@ def load_artifact(path: str | Path, *, verify: bool = True) -> Artifact:
         tokenizer_path = _inside(root, _require(meta, "tokenizer_file", str, where), where, "tokenizer_file")
         if not tokenizer_path.is_file():
             raise ArtifactError(f"{tokenizer_path}: tokenizer file missing (named by {META_NAME} 'tokenizer_file')")
+    return model_path, tokenizer_path
 
+
+def _check_digests(meta: dict, root: Path, where: Path, model_path: Path, verify: bool) -> None:
     files = _require(meta, "files", dict, where)
     if model_path.relative_to(root).as_posix() not in files:
         raise ArtifactError(f"{where}: field 'files' has no sha256 for the model file {model_path.name}")
-    if verify:
-        for name, digest in files.items():
-            file = _inside(root, name, where, "files")
-            if not file.is_file():
-                raise ArtifactError(f"{file}: missing (listed in {META_NAME} 'files')")
-            if not isinstance(digest, str) or sha256_file(file) != digest.lower():
-                raise ArtifactError(f"{file}: sha256 does not match {META_NAME} 'files' "
-                                    "(corrupt or modified artifact; re-export it)")
-
-    return Artifact(
-        path=root, meta=meta, engine=engine, precision=str(meta.get("precision", "fp32")),
-        model_path=model_path, tokenizer_path=tokenizer_path, labels=tuple(labels),
-        sample_rate=sample_rate, input_samples=input_samples, max_tokens=max_tokens,
-        do_normalize=do_normalize, eps=float(eps), inputs=inputs, outputs=outputs, max_batch=max_batch,
-    )
+    if not verify:
+        return
+    for name, digest in files.items():
+        file = _inside(root, name, where, "files")
+        if not file.is_file():
+            raise ArtifactError(f"{file}: missing (listed in {META_NAME} 'files')")
+        if not isinstance(digest, str) or sha256_file(file) != digest.lower():
+            raise ArtifactError(f"{file}: sha256 does not match {META_NAME} 'files' "
+                                "(corrupt or modified artifact; re-export it)")

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from dmf.preprocess import AudioError, TextEncoder, TextError, preprocess_audio, validate_text
+from dmf.preprocess import AudioError, TextEncoder, TextError, normalize_audio, preprocess_audio, validate_text
 
 from .artifact import AUDIO_INPUT, IDS_INPUT, MASK_INPUT, Artifact, ArtifactError, load_artifact
 from .engines import Engine, EngineError, create_engine
@@ -43,12 +43,6 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "probabilities": dict(self.probabilities)}
-
-
-def _normalise(x: np.ndarray, eps: float) -> np.ndarray:
-    """(x - mean) / sqrt(var + eps) over the padded clip: the same expression as
-    dmf.preprocess.normalize_audio, with dmf.json's eps."""
-    return ((x - x.mean()) / np.sqrt(x.var() + eps)).astype(np.float32)
 
 
 class Predictor:
@@ -113,7 +107,7 @@ class Predictor:
                                  normalize=False,
                                  min_seconds=self.min_seconds if min_seconds is None else min_seconds,
                                  max_seconds=self.max_seconds if max_seconds is None else max_seconds)
-            arrays[AUDIO_INPUT] = _normalise(x, a.eps) if a.do_normalize else x
+            arrays[AUDIO_INPUT] = normalize_audio(x, a.eps) if a.do_normalize else x
         return arrays
 
     def infer(self, items: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
