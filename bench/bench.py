@@ -69,15 +69,18 @@ def synthetic_inputs(model_config: dict, batch: int, vocab_size: int, seed: int)
 def run_bench(cases: list[Case], options: BenchOptions = BenchOptions(),
               progress: Callable[[str], None] | None = None) -> dict:
     """Time every (case, engine, batch size); returns {"machine", "rows", "skipped", "flops", ...}."""
-    from dmf.bench.backends import open_backend
+    from dmf.bench.backends import TorchBackend, open_backend
 
     say = progress or (lambda _msg: None)
     rows, skipped, flops = [], [], {}
     for case in cases:
-        flops[case.fusion] = _case_flops(case)
+        # one checkpoint load per case serves both the FLOP count and the torch engine
+        torch_backend = TorchBackend(case.checkpoint, options.threads) if case.checkpoint else None
+        flops[case.fusion] = _flops(torch_backend) if torch_backend else None
         for engine in options.engines:
             try:
-                backend = open_backend(engine, case, options.threads)
+                backend = torch_backend if engine == "torch" and torch_backend else \
+                    open_backend(engine, case, options.threads)
             except BenchError as exc:
                 skipped.append({"engine": engine, "fusion": case.fusion, "reason": str(exc)})
                 say(f"skip {engine}/{case.fusion}: {exc}")
@@ -95,12 +98,7 @@ def run_bench(cases: list[Case], options: BenchOptions = BenchOptions(),
             "options": {**asdict(options), "timing": asdict(options.timing)}}
 
 
-def _case_flops(case: Case) -> float | None:
-    if case.checkpoint is None:
-        return None
-    from dmf.bench.backends import TorchBackend
-
-    backend = TorchBackend(case.checkpoint, threads=None)
+def _flops(backend) -> float:
     inputs = synthetic_inputs(backend.model_config, 1, backend.vocab_size, 0)
     return flops_per_sample(backend.model, backend.tensors(inputs))
 
