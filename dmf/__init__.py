@@ -7,4 +7,4 @@ Importing `dmf` is cheap and torch-free: the runtime (`dmf.runtime`) and the sha
 
 __version__ = "0.1.0"
 
-LABELS = ("neu", "hap", "sad", "ang")
+from dmf.contract import LABELS  # noqa: E402,F401  (the paper's four classes, defined once)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dmf.contract import LABELS
+
 FUSIONS = ("memory", "naive", "audio", "text")
 OPTIMIZERS = ("sgd", "adamw")
 PRESETS = ("paper", "tiny")
@@ -52,7 +54,7 @@ class ModelConfig:
     writer_ff_dim: int = 2048  # feed-forward dim of the writer's transformer layer
     classifier_hidden: tuple[int, ...] = (1024, 512)  # hidden sizes of the classification MLP
     dropout: float = 0.1  # dropout in the classifier MLP
-    labels: tuple[str, ...] = ("neu", "hap", "sad", "ang")  # class names, in output order
+    labels: tuple[str, ...] = LABELS  # class names, in output order
     sample_rate: int = 16000  # Hz; audio is resampled to this
     max_audio_samples: int = 80000  # first 5 s; shorter clips are zero-padded
     max_tokens: int = 30  # tokens per transcript (padded and truncated)

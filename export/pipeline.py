@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dmf.export import ENGINES, PRECISIONS, ExportError
+from dmf import contract as C
 from dmf.export import artifact as art
 from dmf.export.triton import NAME_RE
 from dmf.fileio import commit_dir, stage_dir
@@ -81,7 +82,7 @@ def run(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions,
     step("load")
     model = _load(checkpoint)
     cfg = model.model_config
-    weights_sha = art.sha256_file(checkpoint / "model.safetensors")
+    weights_sha = C.sha256_file(checkpoint / C.WEIGHTS_FILE)
     if agreement is not None:
         _check_agreement_shapes(agreement, cfg)
 
@@ -283,17 +284,17 @@ def _tensorrt(fp32: Path, work: Path, feeds, reference, options: ExportOptions, 
 
 def _write(staging: Path, model, checkpoint: Path, model_file: Path, parity: dict, weights_sha: str,
            options: ExportOptions) -> None:
-    name = art.MODEL_FILES[options.engine]
+    name = C.MODEL_FILES[options.engine]
     shutil.copyfile(model_file, staging / name)
-    tokenizer_src = checkpoint / art.TOKENIZER
+    tokenizer_src = checkpoint / C.TOKENIZER_FILE
     if tokenizer_src.is_file():
-        shutil.copyfile(tokenizer_src, staging / art.TOKENIZER)
+        shutil.copyfile(tokenizer_src, staging / C.TOKENIZER_FILE)
     else:  # checkpoints always carry it; keep a fallback for hand-made folders
-        model.tokenizer.backend_tokenizer.save(str(staging / art.TOKENIZER))
-    files = {name: art.sha256_file(staging / name), art.TOKENIZER: art.sha256_file(staging / art.TOKENIZER)}
-    art.write_json(staging / art.PARITY, parity)
-    files[art.PARITY] = art.sha256_file(staging / art.PARITY)
+        model.tokenizer.backend_tokenizer.save(str(staging / C.TOKENIZER_FILE))
+    files = {name: C.sha256_file(staging / name), C.TOKENIZER_FILE: C.sha256_file(staging / C.TOKENIZER_FILE)}
+    C.write_json(staging / C.PARITY_FILE, parity)
+    files[C.PARITY_FILE] = C.sha256_file(staging / C.PARITY_FILE)
     meta = art.manifest(model_config=model.model_config, engine=options.engine, precision=options.precision,
                         max_batch=options.max_batch, checkpoint=checkpoint, checkpoint_sha256=weights_sha,
                         files=files, parity=parity)
-    art.write_json(staging / art.MANIFEST, meta)
+    C.write_json(staging / C.META_FILE, meta)

@@ -12,7 +12,7 @@ from dmf.preprocess import AudioError, TextError
 
 from .artifact import Artifact, ArtifactError, load_artifact
 from .batcher import BatcherClosed, MicroBatcher, Overloaded
-from .engines import EngineError, OrtEngine, TrtEngine, available_providers, create_engine
+from .engines import EngineError, OrtEngine, available_providers, create_engine
 from .predictor import INPUT_ERRORS, InputError, Prediction, Predictor
 from .server import ServeOptions, create_app
 
@@ -22,3 +22,11 @@ __all__ = [
     "ArtifactError", "EngineError", "AudioError", "TextError", "InputError", "INPUT_ERRORS",
     "BatcherClosed", "Overloaded",
 ]
+
+
+def __getattr__(name: str):
+    if name == "TrtEngine":  # lazily: ctypes CUDA loading is only for TensorRT users
+        from .trt import TrtEngine
+
+        return TrtEngine
+    raise AttributeError(f"module 'dmf.runtime' has no attribute {name!r}")

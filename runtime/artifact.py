@@ -8,21 +8,16 @@ Torch-free (json, hashlib, pathlib only).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "dmf-artifact"
-SUPPORTED_SCHEMA_VERSIONS = (1,)
-META_NAME = "dmf.json"
-ENGINES = ("onnx", "trt")
+from dmf.contract import (AUDIO_INPUT, FORMAT, IDS_INPUT, INPUT_NAMES, MASK_INPUT, MODEL_FILES, SUPPORTED_SCHEMA_VERSIONS,
+                          sha256_file)
+from dmf.contract import META_FILE as META_NAME
 
-AUDIO_INPUT = "audio"
-IDS_INPUT = "input_ids"
-MASK_INPUT = "attention_mask"
-KNOWN_INPUTS = (AUDIO_INPUT, IDS_INPUT, MASK_INPUT)
+ENGINES = tuple(MODEL_FILES)
 
 
 class ArtifactError(RuntimeError):
@@ -79,14 +74,6 @@ class Artifact:
                 "sample_rate": self.sample_rate, "input_samples": self.input_samples,
                 "max_tokens": self.max_tokens, "max_batch": self.max_batch,
                 "dmf_version": self.meta.get("dmf_version")}
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _require(meta: dict, key: str, kind: type | tuple, where: Path) -> Any:
@@ -201,9 +188,9 @@ def _io_specs(meta: dict, where: Path, input_samples: int, max_tokens: int, n_la
     inputs = _specs(meta, "inputs", where)
     outputs = _specs(meta, "outputs", where)
     names = [s.name for s in inputs]
-    unknown = [n for n in names if n not in KNOWN_INPUTS]
+    unknown = [n for n in names if n not in INPUT_NAMES]
     if unknown:
-        raise ArtifactError(f"{where}: unknown model input(s) {unknown}: this runtime feeds {list(KNOWN_INPUTS)}")
+        raise ArtifactError(f"{where}: unknown model input(s) {unknown}: this runtime feeds {list(INPUT_NAMES)}")
     if (IDS_INPUT in names) != (MASK_INPUT in names) or not names:
         raise ArtifactError(f"{where}: field 'inputs' {names} is invalid: expected audio and/or "
                             "input_ids + attention_mask")

@@ -16,12 +16,13 @@ import numpy as np
 
 from dmf.preprocess import AudioError, TextEncoder, TextError, normalize_audio, preprocess_audio, validate_text
 
-from .artifact import AUDIO_INPUT, IDS_INPUT, MASK_INPUT, Artifact, ArtifactError, load_artifact
-from .engines import Engine, EngineError, create_engine
+from dmf.contract import AUDIO_INPUT, IDS_INPUT, MASK_INPUT
+from dmf.contract import MAX_CLIP_SECONDS as DEFAULT_MAX_SECONDS
+from dmf.contract import MAX_TEXT_CHARS as DEFAULT_MAX_TEXT_CHARS
+from dmf.contract import MIN_CLIP_SECONDS as DEFAULT_MIN_SECONDS
 
-DEFAULT_MIN_SECONDS = 0.1
-DEFAULT_MAX_SECONDS = 60.0
-DEFAULT_MAX_TEXT_CHARS = 2000
+from .artifact import Artifact, ArtifactError, load_artifact
+from .engines import Engine, EngineError, create_engine
 
 
 class InputError(ValueError):

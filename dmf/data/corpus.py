@@ -9,7 +9,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-IEMOCAP_LABELS = ("neu", "hap", "sad", "ang")
+from dmf.contract import LABELS
+
+IEMOCAP_LABELS = LABELS  # the contract's four classes
 FORMATS = ("auto", "iemocap", "manifest")
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json")
 

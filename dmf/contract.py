@@ -1,0 +1,73 @@
+"""The artifact contract between `dmf export` (which writes through this module) and `dmf.runtime`
+(which reads through it): format and schema version, file names, tensor names and dtypes, the
+default label set, limits, and the sha256 / atomic-JSON helpers both sides use.
+
+Torch-free (hashlib, json, os, pathlib only): the edge runtime imports it. Every constant here is
+defined once; docs/artifact.md describes the same contract in prose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+FORMAT = "dmf-artifact"
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+
+# Files inside an artifact folder.
+META_FILE = "dmf.json"
+PARITY_FILE = "parity.json"
+TOKENIZER_FILE = "tokenizer.json"
+MODEL_FILES = {"onnx": "model.onnx", "trt": "model.plan"}  # dmf.json "engine" -> model file
+WEIGHTS_FILE = "model.safetensors"  # the checkpoint's weights (source_checkpoint sha256)
+
+# Tensor names and dtypes of the exported graph (batch dim first, symbolic "batch").
+AUDIO_INPUT = "audio"
+IDS_INPUT = "input_ids"
+MASK_INPUT = "attention_mask"
+INPUT_NAMES = (AUDIO_INPUT, IDS_INPUT, MASK_INPUT)
+OUTPUT_NAME = "log_probs"
+INPUT_DTYPES = {AUDIO_INPUT: "float32", IDS_INPUT: "int64", MASK_INPUT: "int64"}
+OUTPUT_DTYPE = "float32"
+BATCH_DIM = "batch"
+
+# The paper's four IEMOCAP classes, in the classifier's output order (neutral, happy+excited, sad, angry).
+LABELS = ("neu", "hap", "sad", "ang")
+
+# Runtime limits on a request's audio (seconds before cropping to the model's input window).
+MIN_CLIP_SECONDS = 0.1
+MAX_CLIP_SECONDS = 60.0
+MAX_TEXT_CHARS = 2000  # longer text is cut: the model reads max_tokens tokens anyway
+
+
+def io_spec(input_samples: int, max_tokens: int, num_labels: int) -> tuple[list[dict], list[dict]]:
+    """Inputs and outputs as dmf.json lists them: [{'name', 'dtype', 'shape'}], batch dim symbolic."""
+    widths = {AUDIO_INPUT: input_samples, IDS_INPUT: max_tokens, MASK_INPUT: max_tokens}
+    inputs = [{"name": n, "dtype": INPUT_DTYPES[n], "shape": [BATCH_DIM, widths[n]]} for n in INPUT_NAMES]
+    outputs = [{"name": OUTPUT_NAME, "dtype": OUTPUT_DTYPE, "shape": [BATCH_DIM, num_labels]}]
+    return inputs, outputs
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write JSON atomically: a temp file in the same folder, then rename (never half-written)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
