@@ -95,12 +95,20 @@ def test_missing_fields_wrong_content_type_and_upload_limit(rt, client):
 def test_health_and_metrics(rt, predictor, client):
     h = client.get("/healthz").json()
     assert h["status"] == "ok" and h["labels"] == list(predictor.labels)
+    before = client.get("/metrics").json()
+    assert client.post("/v1/predict", files=_files(rt, "good2.wav", "metrics")).status_code == 200
     m = client.get("/metrics").json()
-    assert m["requests_total"] >= 1 and "200" in m["requests_by_status"]
-    assert m["batcher"]["batches"] >= 1 and m["latency_ms"]["p50"] is not None
+    ok = m["requests_by_status"]["200"]
+    assert m["requests_total"] == before["requests_total"] + 1  # our one request, whatever ran before
+    assert ok == before["requests_by_status"].get("200", 0) + 1
+    assert m["latency_ms"]["count"] == before["latency_ms"]["count"] + 1 and m["latency_ms"]["p50"] is not None
+    for key in ("submitted", "succeeded", "batches"):
+        assert m["batcher"][key] == before["batcher"][key] + 1, key
     text = client.get("/metrics", params={"format": "prometheus"})
     assert text.status_code == 200 and text.headers["content-type"].startswith("text/plain")
-    assert 'dmf_requests_total{code="200"}' in text.text and 'dmf_batch_size_bucket{le="+Inf"}' in text.text
+    assert f'dmf_requests_total{{code="200"}} {ok}' in text.text
+    assert f'dmf_batches_total {m["batcher"]["batches"]}' in text.text
+    assert 'dmf_batch_size_bucket{le="+Inf"}' in text.text
     assert client.get("/metrics", params={"format": "xml"}).status_code == 400
 
 
