@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -63,7 +64,7 @@ def test_unknown_fields_and_sections_are_refused(tmp_path):
 
 def test_configs_are_frozen_and_replace_validates():
     cfg = preset("tiny")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.model.embed_dim = 3  # type: ignore[misc]
     assert cfg.replace("train", epochs=2).train.epochs == 2
     with pytest.raises(ConfigError, match="train.epochs"):

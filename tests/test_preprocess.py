@@ -96,7 +96,8 @@ def test_load_audio_sources_agree(tmp_path):
         np.testing.assert_array_equal(from_path, other)
     assert from_path.dtype == np.float32 and from_path.shape == (16000,)
     arr, rate = load_audio(from_path, sample_rate=SR)
-    assert rate == SR and arr is not None
+    assert rate == SR and arr.dtype == np.float32
+    np.testing.assert_array_equal(arr, from_path)  # an array source comes back unchanged
 
 
 def test_numpy_source_needs_sample_rate():
