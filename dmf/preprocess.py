@@ -5,7 +5,8 @@ module, and training imports the same functions, so both feed the model identica
 
 Audio: decode -> mono -> resample to 16 kHz -> first 5 s, zero-padded -> zero mean / unit variance
 over the padded clip. This is what `Wav2Vec2FeatureExtractor(do_normalize=True)` gives with
-`padding="max_length", truncation=True` and no attention mask (DESIGN §2).
+`padding="max_length", truncation=True` and no attention mask (DESIGN §2); for an extractor with
+`return_attention_mask=True` the statistics are those of the real samples (`normalize_over`).
 Text: `tokenizer.json` -> input_ids / attention_mask padded and truncated to `max_tokens`, as a
 BERT fast tokenizer called with `padding="max_length", truncation=True` gives.
 """
@@ -26,6 +27,7 @@ from tokenizers import Tokenizer
 AudioSource = Union[str, Path, bytes, bytearray, memoryview, IO[bytes], np.ndarray]
 
 NORM_EPS = 1e-7  # the feature extractor's epsilon: keeps silence finite (0 / sqrt(1e-7) = 0)
+NORMALIZE_OVER = ("all", "real_samples")  # statistics over the padded clip | the samples before the padding
 
 
 class AudioError(ValueError):
@@ -149,19 +151,29 @@ def _check_audio(mono: np.ndarray, sample_rate: int, min_seconds: float, max_sec
         raise AudioError(f"audio contains {kind} samples")
 
 
-def normalize_audio(x: np.ndarray, eps: float = NORM_EPS) -> np.ndarray:
-    """Zero mean, unit variance over the whole (padded) clip, as Wav2Vec2FeatureExtractor does
-    (the runtime passes the eps its artifact's dmf.json records)."""
-    return ((x - x.mean()) / np.sqrt(x.var() + eps)).astype(np.float32)
+def normalize_audio(x: np.ndarray, eps: float = NORM_EPS, length: int | None = None) -> np.ndarray:
+    """Zero mean, unit variance, as Wav2Vec2FeatureExtractor(do_normalize=True) does: over the whole
+    (padded) clip, or, given `length` (an extractor with return_attention_mask), over the first
+    `length` samples with the padding after them left at zero. Same expressions as transformers',
+    so the result is bit-equal (the runtime passes the eps its artifact's dmf.json records)."""
+    if length is None or length >= x.shape[0]:
+        return ((x - x.mean()) / np.sqrt(x.var() + eps)).astype(np.float32)
+    out = np.zeros_like(x, dtype=np.float32)
+    real = x[:length]
+    out[:length] = (real - real.mean()) / np.sqrt(real.var() + eps)
+    return out
 
 
 def prepare_audio(data: np.ndarray, sample_rate: int, *, target_rate: int = 16000, num_samples: int = 80000,
-                  normalize: bool = True, min_seconds: float = 0.1,
-                  max_seconds: float | None = None) -> np.ndarray:
+                  normalize: bool = True, normalize_over: str = "all", eps: float = NORM_EPS,
+                  min_seconds: float = 0.1, max_seconds: float | None = None) -> np.ndarray:
     """Decoded audio (frames,) or (frames, channels) -> model input of shape (num_samples,) float32.
 
     Mono down-mix, resample to `target_rate` (soxr), keep the first `num_samples`, zero-pad at
-    the end, then (if `normalize`) zero mean / unit variance over the padded clip."""
+    the end, then (if `normalize`) zero mean / unit variance over `normalize_over`: "all" (the
+    padded clip) or "real_samples" (the samples before the padding; the padding stays zero)."""
+    if normalize_over not in NORMALIZE_OVER:
+        raise ValueError(f"normalize_over {normalize_over!r} is invalid: expected one of {NORMALIZE_OVER}")
     mono = _to_mono(data)
     _check_audio(mono, sample_rate, min_seconds, max_seconds)
     if sample_rate != target_rate:
@@ -169,7 +181,9 @@ def prepare_audio(data: np.ndarray, sample_rate: int, *, target_rate: int = 1600
     out = np.zeros(num_samples, dtype=np.float32)
     keep = min(num_samples, mono.shape[0])
     out[:keep] = mono[:keep]
-    return normalize_audio(out) if normalize else out
+    if not normalize:
+        return out
+    return normalize_audio(out, eps, keep if normalize_over == "real_samples" else None)
 
 
 def preprocess_audio(source: AudioSource, sample_rate: int | None = None, **prepare_kwargs) -> np.ndarray:
