@@ -40,8 +40,12 @@ def register(app: typer.Typer) -> None:
         engine: str = typer.Option("onnx", "--engine", help="onnx | trt (TensorRT, needs a CUDA GPU)."),
         precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (int8: onnx only)."),
         max_batch: int = typer.Option(32, "--max-batch", help="Largest batch (TensorRT profile, Triton)."),
-        triton: Path = typer.Option(None, "--triton", help="Also write a Triton model repository entry here."),
-        triton_name: str = typer.Option("dmf", "--triton-name", help="Triton model name."),
+        triton: Path = typer.Option(
+            None, "--triton", help="Also write a Triton model repository here: ensemble NAME (raw audio + text in, "
+            "log_probs + label out) over NAME_preprocess, NAME_model, NAME_postprocess."),
+        triton_name: str = typer.Option("dmf", "--triton-name", help="Triton name NAME (the ensemble's)."),
+        triton_bare: bool = typer.Option(
+            False, "--triton-bare", help="Write only the model entry NAME (clients send preprocessed tensors)."),
         agreement_data: Path = typer.Option(
             None, "--agreement-data", help="int8: .npz of preprocessed inputs (audio, input_ids, attention_mask)."),
         force: bool = typer.Option(False, "--force", help="Replace an existing --out (and Triton model)."),
@@ -71,7 +75,8 @@ def register(app: typer.Typer) -> None:
 
                 path = export_checkpoint(checkpoint, out, engine=engine, precision=precision,
                                          max_batch=max_batch, force=force, triton_dir=triton,
-                                         triton_name=triton_name, agreement_data=agreement_data,
+                                         triton_name=triton_name, triton_bare=triton_bare,
+                                         agreement_data=agreement_data,
                                          on_step=on_step)
                 on_step("done")
         except ExportError as exc:
@@ -87,5 +92,5 @@ def register(app: typer.Typer) -> None:
         if parity.get("int8_agreement") is not None:
             line += f", int8 agreement with fp32 {parity['int8_agreement']:.3f}"
         if triton is not None:
-            line += f"; Triton model {triton / triton_name}"
+            line += f"; Triton {'model' if triton_bare else 'ensemble'} {triton / triton_name}"
         typer.echo(line)

@@ -18,7 +18,7 @@ import numpy as np
 from dmf.export import ENGINES, PRECISIONS, ExportError
 from dmf import contract as C
 from dmf.export import artifact as art
-from dmf.export.triton import NAME_RE
+from dmf.export.triton import NAME_RE, entry_paths
 from dmf.fileio import commit_dir, stage_dir
 
 
@@ -28,8 +28,9 @@ class ExportOptions:
     precision: str = "fp32"  # fp32 | fp16 (LayerNorm/Softmax kept fp32) | int8 (onnx only: dynamic MatMul int8)
     max_batch: int = 32  # largest batch: TensorRT profile max, Triton max_batch_size, dmf.json max_batch
     force: bool = False  # replace an existing out_dir (and Triton model folder) once the new one is complete
-    triton_dir: Path | None = None  # also write a Triton model-repository entry <triton_dir>/<triton_name>
-    triton_name: str = "dmf"  # Triton model name (its folder under triton_dir)
+    triton_dir: Path | None = None  # also write a Triton model repository here (dmf.export.triton)
+    triton_name: str = "dmf"  # Triton name: the ensemble; NAME_model, NAME_preprocess, NAME_postprocess
+    triton_bare: bool = False  # write only the model entry <triton_dir>/<triton_name> (clients preprocess)
     verify_samples: int = 8  # seeded inputs compared against the torch eval model (>= 2)
     agreement_data: Any = None  # int8 only: preprocessed real inputs (.npz path, dict or 3-tuple)
 
@@ -52,7 +53,7 @@ class ExportOptions:
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, engine: str = "onnx",
                       precision: str = "fp32", max_batch: int = 32, force: bool = False,
                       triton_dir: str | Path | None = None, verify_samples: int = 8,
-                      agreement_data: Any = None, triton_name: str = "dmf",
+                      agreement_data: Any = None, triton_name: str = "dmf", triton_bare: bool = False,
                       on_step: Callable[[str], None] | None = None) -> Path:
     """Export a dmf checkpoint folder to a verified artifact folder `out_dir`; returns out_dir.
 
@@ -63,7 +64,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, engine: st
     options = ExportOptions(engine=engine, precision=precision, max_batch=max_batch, force=force,
                             triton_dir=Path(triton_dir) if triton_dir is not None else None,
                             verify_samples=verify_samples, agreement_data=agreement_data,
-                            triton_name=triton_name)
+                            triton_name=triton_name, triton_bare=triton_bare)
     return run(checkpoint, out_dir, options, on_step=on_step)
 
 
@@ -71,8 +72,9 @@ def run(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions,
         on_step: Callable[[str], None] | None = None) -> Path:
     step = on_step or (lambda name: None)
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    triton_target = options.triton_dir / options.triton_name if options.triton_dir is not None else None
-    _check_targets(checkpoint, out_dir, triton_target, options.force)
+    triton_targets = (entry_paths(options.triton_dir, options.triton_name, options.triton_bare)
+                      if options.triton_dir is not None else [])
+    _check_targets(checkpoint, out_dir, triton_targets, options.force)
     if options.engine == "trt":
         from dmf.export.tensorrt import require_tensorrt
 
@@ -88,25 +90,23 @@ def run(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions,
 
     staging = stage_dir(out_dir)
     work = stage_dir(out_dir.with_name(out_dir.name + ".work"))
-    triton_staging = stage_dir(triton_target) if triton_target is not None else None
+    triton = None
     try:
         model_file, parity = _build(model, checkpoint, work, options, agreement, step)
         step("write")
         _write(staging, model, checkpoint, model_file, parity, weights_sha, options)
-        if triton_staging is not None:
-            from dmf.export.triton import write_model
+        if options.triton_dir is not None:  # built from the staged artifact itself
+            from dmf.export.triton import stage_repository
 
-            inputs, outputs = art.io_spec(cfg)
-            write_model(triton_staging, name=options.triton_name, engine=options.engine,
-                        model_file=model_file, inputs=inputs, outputs=outputs, labels=list(cfg.labels),
-                        max_batch=options.max_batch)
+            triton = stage_repository(staging, options.triton_dir, name=options.triton_name,
+                                      bare=options.triton_bare)
         commit_dir(staging, out_dir)
-        if triton_staging is not None:
-            commit_dir(triton_staging, triton_target)
+        if triton is not None:
+            triton.commit()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if triton_staging is not None:
-            shutil.rmtree(triton_staging, ignore_errors=True)
+        if triton is not None:
+            triton.discard()
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -114,11 +114,11 @@ def run(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions,
 
 
 # ------------------------------------------------------------------------------------------ steps
-def _check_targets(checkpoint: Path, out_dir: Path, triton_target: Path | None, force: bool) -> None:
+def _check_targets(checkpoint: Path, out_dir: Path, triton_targets: list[Path], force: bool) -> None:
     if not checkpoint.is_dir():
         raise ExportError(f"cannot load checkpoint: checkpoint folder not found: {checkpoint}")
-    for target in (out_dir, triton_target):
-        if target is None or not target.exists():
+    for target in (out_dir, *triton_targets):
+        if not target.exists():
             continue
         if not force:
             raise ExportError(f"output folder {target} exists (use --force to replace it)")

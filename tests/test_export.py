@@ -268,9 +268,9 @@ def test_triton_repository_parses_with_tritons_schema(memory_artifact, work):
     pb2 = _model_config_pb2()
     from google.protobuf import text_format
 
-    folder = work / "triton" / "dmf_memory"
+    folder = work / "triton" / "dmf_memory_model"  # the model entry of the repository (tests/test_triton.py)
     config = text_format.Parse((folder / "config.pbtxt").read_text(), pb2.ModelConfig())
-    assert config.name == "dmf_memory" and config.platform == "onnxruntime_onnx"
+    assert config.name == "dmf_memory_model" and config.platform == "onnxruntime_onnx"
     assert config.max_batch_size == 16
     assert [(i.name, list(i.dims), pb2.DataType.Name(i.data_type)) for i in config.input] == [
         ("audio", [80000], "TYPE_FP32"), ("input_ids", [30], "TYPE_INT64"), ("attention_mask", [30], "TYPE_INT64")]
@@ -351,7 +351,7 @@ def test_parity_failure_refuses_to_write(tmp_path, checkpoints, monkeypatch):
     msg = _one_line_error(export_checkpoint, checkpoints["naive"], out, triton_dir=tmp_path / "tri")
     assert msg == "export failed verification: max abs diff 3.2e-03 > 1e-04 (argmax agreement 0.875)"
     assert not out.exists() and _leftovers(tmp_path) == []
-    assert not (tmp_path / "tri" / "dmf").exists() and _leftovers(tmp_path / "tri") == []
+    assert not (tmp_path / "tri").exists()  # the Triton repository is staged only after verification
 
 
 def test_force_replaces_an_existing_artifact(tmp_path, naive_artifact, checkpoints):
@@ -396,8 +396,8 @@ def test_trt_export_builds_a_verified_plan(precision, tmp_path, checkpoints):
     meta = json.loads((out / "dmf.json").read_text())
     assert meta["model_file"] == "model.plan" and (out / "model.plan").stat().st_size > 0
     assert meta["parity"]["checked_with"] == "tensorrt" and meta["parity"]["argmax_agreement"] == 1.0
-    assert (tmp_path / "tri" / "dmf" / "1" / "model.plan").is_file()
-    assert 'platform: "tensorrt_plan"' in (tmp_path / "tri" / "dmf" / "config.pbtxt").read_text()
+    assert (tmp_path / "tri" / "dmf_model" / "1" / "model.plan").is_file()
+    assert 'platform: "tensorrt_plan"' in (tmp_path / "tri" / "dmf_model" / "config.pbtxt").read_text()
 
 
 def test_import_is_light():
