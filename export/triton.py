@@ -11,9 +11,9 @@ For the Triton name NAME (`--triton-name`, default `dmf`) the full repository is
 `bare=True` (`--triton-bare`) writes only REPO/NAME, the model entry, for clients that preprocess
 themselves. Each entry is `config.pbtxt` plus a version folder `1/`; dims exclude the batch dim
 (max_batch_size > 0 implies it). The Python entries carry everything they read in `1/`: model.py
-(export/triton_model.py), the artifact's dmf.json and tokenizer.json, and copies of dmf/preprocess.py
-and dmf/contract.py, so the server needs only numpy, soundfile, soxr and tokenizers, and runs the
-preprocessing code of the dmf that exported the artifact.
+(export/triton_model.py), the artifact's dmf.json and tokenizer.json, and `dmf/`, copies of
+dmf/contract.py and dmf/preprocess.py, so the server needs no dmf install (numpy, soundfile, soxr
+and tokenizers only) and runs the preprocessing code of the dmf that exported the artifact.
 """
 
 from __future__ import annotations
@@ -38,18 +38,11 @@ LABELS_FILE = "labels.txt"  # label_filename of the model entry (Triton's classi
 QUEUE_DELAY_US = 2000  # dynamic batching: the longest a request waits for others
 PYTHON_INSTANCES = 2  # Python-backend instances per entry (each runs one batch at a time)
 
-# Files a Python entry's version folder holds besides model.py: the shipped copies of dmf's own
-# torch-free modules (model.py loads them by path) and the artifact files they read.
-TEMPLATE = Path(__file__).resolve().parent / "triton_model.py"  # becomes model.py
-PREPROCESS_COPY, CONTRACT_COPY = "_dmf_preprocess.py", "_dmf_contract.py"
-SHIPPED_MODULES = {PREPROCESS_COPY: "preprocess.py", CONTRACT_COPY: "contract.py"}  # copy -> dmf/ module
-
-
-def _shipped_source(name: str) -> Path:
-    """The dmf/ module file that `name` is a copy of (the imported dmf package's own file)."""
-    import dmf
-
-    return Path(dmf.__file__).resolve().parent / SHIPPED_MODULES[name]
+TEMPLATE = Path(__file__).resolve().parent / "triton_model.py"  # becomes each Python entry's model.py
+# dmf's torch-free modules a Python entry ships in 1/dmf/ (model.py loads them by path), per role.
+# preprocess.py imports contract.py and nothing else of dmf (tests/test_triton.py checks).
+SHIPPED_MODULES = {"preprocess": ("contract.py", "preprocess.py"), "postprocess": ("contract.py",)}
+SHIPPED_INIT = '"""Copies of dmf modules for this Triton entry\'s model.py (written by dmf export --triton)."""\n'
 
 
 # ------------------------------------------------------------------------------------ naming
@@ -221,15 +214,19 @@ def _write_entry(folder: Path, role: str, config: dict, artifact) -> None:
     if role == "model":
         shutil.copyfile(artifact.model_path, version / PLATFORMS[artifact.engine][1])
         (folder / LABELS_FILE).write_text("\n".join(artifact.labels) + "\n", encoding="utf-8")
-    elif role in ("preprocess", "postprocess"):
+    elif role in SHIPPED_MODULES:
+        import dmf
+
         shutil.copyfile(TEMPLATE, version / "model.py")
         shutil.copyfile(artifact.path / C.META_FILE, version / C.META_FILE)
-        shutil.copyfile(_shipped_source(CONTRACT_COPY), version / CONTRACT_COPY)
+        (version / "dmf").mkdir()
+        (version / "dmf" / "__init__.py").write_text(SHIPPED_INIT, encoding="utf-8")
+        for module in SHIPPED_MODULES[role]:
+            shutil.copyfile(Path(dmf.__file__).resolve().parent / module, version / "dmf" / module)
     if role == "preprocess":
         tokenizer = version / artifact.tokenizer_path.relative_to(artifact.path)
         tokenizer.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(artifact.tokenizer_path, tokenizer)
-        shutil.copyfile(_shipped_source(PREPROCESS_COPY), version / PREPROCESS_COPY)
     (folder / "config.pbtxt").write_text(to_pbtxt(config), encoding="utf-8")
 
 

@@ -8,17 +8,19 @@ config.pbtxt parameter `dmf_step` picks the role:
   dmf.runtime's Predictor.preprocess gives for the same bytes and text;
 - postprocess: log_probs (C,) -> label TYPE_STRING [1], the arg-max over dmf.json's labels.
 
-Torch-free. The preprocessing is `_dmf_preprocess.py` / `_dmf_contract.py` beside this file,
-copies of dmf/preprocess.py and dmf/contract.py made by the dmf that exported the artifact, and
-its settings come from the artifact's dmf.json and tokenizer.json, copied here too. The server's
-Python needs numpy, soundfile, soxr and tokenizers. Each request is answered on its own: bad input
-gets an error response with the runtime's one-line message; the other requests of the batch go on.
+Torch-free, and no dmf install needed: `dmf/` beside this file holds copies of dmf/contract.py and
+dmf/preprocess.py made by the dmf that exported the artifact, and the settings come from the
+artifact's dmf.json and tokenizer.json, copied here too. The server's Python needs numpy,
+soundfile, soxr and tokenizers. Each request is answered on its own: bad input gets an error
+response with the runtime's one-line message; the other requests of the batch go on.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +33,26 @@ class BadRequest(ValueError):
     """A request that cannot be served as sent; its message goes back to the client."""
 
 
-def _load_module(path: Path, name: str):
-    """A shipped module by file path: never an installed dmf of another version."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _shipped(*names: str) -> list:
+    """dmf.<name> for each name (in import order) from the copies in HERE/dmf, never from an
+    installed dmf of another version. They are loaded by path under their own names, so their
+    `from dmf.contract import ...` lines find the copies; names already imported (a process that
+    has dmf, such as a test) are put back afterwards."""
+    keys = ["dmf"] + [f"dmf.{name}" for name in names]
+    saved = {key: sys.modules[key] for key in keys if key in sys.modules}
+    package = types.ModuleType("dmf")
+    package.__path__ = [str(HERE / "dmf")]
+    sys.modules["dmf"] = package
+    try:
+        modules = []
+        for name in names:
+            spec = importlib.util.spec_from_file_location(f"dmf.{name}", HERE / "dmf" / f"{name}.py")
+            modules.append(importlib.util.module_from_spec(spec))
+            sys.modules[f"dmf.{name}"] = modules[-1]
+            spec.loader.exec_module(modules[-1])
+        return modules
+    finally:
+        sys.modules.update(saved)
 
 
 def _error_response(message: str, invalid_input: bool):
@@ -57,14 +73,14 @@ class Preprocess:
     """AUDIO + TEXT (B, 1) -> the model's inputs (B, S) / (B, L)."""
 
     def __init__(self, params: dict[str, str]) -> None:
-        self.C = C = _load_module(HERE / "_dmf_contract.py", "_dmf_contract")
-        self.P = P = _load_module(HERE / "_dmf_preprocess.py", "_dmf_preprocess")
+        self.C, self.P = C, P = _shipped("contract", "preprocess")
         meta = json.loads((HERE / C.META_FILE).read_text(encoding="utf-8"))
         self.audio_name, self.text_name = params["audio_input"], params["text_input"]
         self.outputs = [(spec["name"], np.dtype(spec["dtype"])) for spec in meta["inputs"]]
         self.sample_rate, self.input_samples = int(meta["sample_rate"]), int(meta["input_samples"])
         norm = meta["normalisation"]
         self.do_normalize, self.eps = bool(norm["do_normalize"]), float(norm.get("eps", P.NORM_EPS))
+        self.normalize_over = norm.get("over", "all")  # artifacts from before "over" normalised over "all"
         tokenizer = HERE / meta["tokenizer_file"]
         digest = meta.get("files", {}).get(meta["tokenizer_file"])
         if digest and C.sha256_file(tokenizer) != digest:
@@ -82,8 +98,8 @@ class Preprocess:
         if len(audio) == 0:
             raise P.AudioError("<bytes>: audio is empty (0 bytes)")
         x = P.preprocess_audio(bytes(audio), None, target_rate=self.sample_rate, num_samples=self.input_samples,
-                               normalize=False, min_seconds=C.MIN_CLIP_SECONDS, max_seconds=C.MAX_CLIP_SECONDS)
-        x = P.normalize_audio(x, self.eps) if self.do_normalize else x
+                               normalize=self.do_normalize, normalize_over=self.normalize_over, eps=self.eps,
+                               min_seconds=C.MIN_CLIP_SECONDS, max_seconds=C.MAX_CLIP_SECONDS)
         return {C.AUDIO_INPUT: x, C.IDS_INPUT: ids[0], C.MASK_INPUT: mask[0]}
 
     def run(self, request) -> list:
@@ -106,7 +122,7 @@ class Postprocess:
     """log_probs (B, C) -> label (B, 1): dmf.json's label of each row's arg-max."""
 
     def __init__(self, params: dict[str, str]) -> None:
-        C = _load_module(HERE / "_dmf_contract.py", "_dmf_contract")
+        (C,) = _shipped("contract")
         meta = json.loads((HERE / C.META_FILE).read_text(encoding="utf-8"))
         self.labels = [label.encode("utf-8") for label in meta["labels"]]
         self.input_name = meta["outputs"][0]["name"]
@@ -116,6 +132,10 @@ class Postprocess:
         rows = _input(request, self.input_name)
         if rows.ndim != 2 or rows.shape[1] != len(self.labels):
             raise BadRequest(f"{self.input_name} has shape {list(rows.shape)}: expected [batch, {len(self.labels)}]")
+        for i, finite in enumerate(np.isfinite(rows).all(axis=1)):
+            if not finite:  # as dmf.runtime's Predictor.postprocess: no label for NaN / Inf scores
+                message = "the model's scores for this input are not finite (NaN or Inf); no label is given for it"
+                raise BadRequest(f"items[{i}]: {message}" if len(rows) > 1 else message)
         labels = np.array([[self.labels[int(i)]] for i in np.argmax(rows, axis=1)], dtype=np.object_)
         return [pb_utils.Tensor(self.label_name, labels)]
 

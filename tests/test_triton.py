@@ -9,15 +9,19 @@ The artifact is conftest_runtime's tiny export (one per session).
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib.util
 import json
+import subprocess
 import sys
-import types
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import triton_backend_stub
 from conftest_runtime import ACCEPTED, BAD_AUDIO, BAD_TEXT, TEXTS, predictor, rt  # noqa: F401
 
 from dmf import contract as C
@@ -29,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------- Triton stand-ins
+@functools.lru_cache(maxsize=1)
 def schema():
     """tritonclient's model_config_pb2, loaded by path: it needs protobuf only, not grpcio."""
     tritonclient = pytest.importorskip("tritonclient", reason="tritonclient is not installed (pip install 'dmf[dev]')")
@@ -45,67 +50,9 @@ def parse(entry: Path):
     return text_format.Parse((entry / "config.pbtxt").read_text(), schema().ModelConfig())
 
 
-def backend_utils() -> types.ModuleType:
-    """The slice of Triton's `triton_python_backend_utils` that model.py touches, same names and calls."""
-    pb = types.ModuleType("triton_python_backend_utils")
-
-    class Tensor:
-        def __init__(self, name: str, array: np.ndarray) -> None:
-            self._name, self._array = name, np.asarray(array)
-
-        def name(self) -> str:
-            return self._name
-
-        def as_numpy(self) -> np.ndarray:
-            return self._array
-
-    class TritonError:
-        UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG = 0, 1, 2, 3
-
-        def __init__(self, message: str, code: int = 1) -> None:
-            self._message, self._code = message, code
-
-        def message(self) -> str:
-            return self._message
-
-        def code(self) -> int:
-            return self._code
-
-    class InferenceRequest:
-        def __init__(self, inputs: list[Tensor]) -> None:
-            self._inputs = inputs
-
-        def inputs(self) -> list[Tensor]:
-            return self._inputs
-
-    class InferenceResponse:
-        def __init__(self, output_tensors: list, error: TritonError | None = None) -> None:
-            for tensor in output_tensors:
-                assert isinstance(tensor, Tensor)
-            self._outputs, self._error = list(output_tensors), error
-
-        def output_tensors(self) -> list[Tensor]:
-            return self._outputs
-
-        def has_error(self) -> bool:
-            return self._error is not None
-
-        def error(self) -> TritonError | None:
-            return self._error
-
-    def by_name(tensors, name):
-        return next((t for t in tensors if t.name() == name), None)
-
-    pb.Tensor, pb.TritonError, pb.InferenceRequest, pb.InferenceResponse = (Tensor, TritonError, InferenceRequest,
-                                                                            InferenceResponse)
-    pb.get_input_tensor_by_name = lambda request, name: by_name(request.inputs(), name)
-    pb.get_output_tensor_by_name = lambda response, name: by_name(response.output_tensors(), name)
-    return pb
-
-
 @pytest.fixture
 def pb(monkeypatch):
-    module = backend_utils()
+    module = triton_backend_stub.module()
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
     return module
 
@@ -158,13 +105,14 @@ def test_repository_holds_four_self_contained_entries(repo, rt):  # noqa: F811
     assert (repo / "dmf_model" / "1" / "model.onnx").read_bytes() == (rt.artifact / "model.onnx").read_bytes()
     assert (repo / "dmf_model" / "labels.txt").read_text().split() == meta(rt)["labels"]
     copies = {"model.py": REPO_ROOT / "export" / "triton_model.py", C.META_FILE: rt.artifact / C.META_FILE,
-              "_dmf_contract.py": REPO_ROOT / "dmf" / "contract.py"}
+              "dmf/contract.py": REPO_ROOT / "dmf" / "contract.py"}
     for entry in ("dmf_preprocess", "dmf_postprocess"):
         for name, source in copies.items():
             assert (repo / entry / "1" / name).read_bytes() == source.read_bytes(), (entry, name)
     pre = repo / "dmf_preprocess" / "1"
     assert (pre / C.TOKENIZER_FILE).read_bytes() == (rt.artifact / C.TOKENIZER_FILE).read_bytes()
-    assert (pre / "_dmf_preprocess.py").read_bytes() == (REPO_ROOT / "dmf" / "preprocess.py").read_bytes()
+    assert (pre / "dmf" / "preprocess.py").read_bytes() == (REPO_ROOT / "dmf" / "preprocess.py").read_bytes()
+    assert sorted(p.name for p in (pre / "dmf").iterdir()) == ["__init__.py", "contract.py", "preprocess.py"]
     assert list((repo / "dmf" / "1").iterdir()) == []  # an ensemble's version folder is empty
     assert not [p for p in repo.parent.rglob(".*")]  # no staging folder left behind
 
@@ -405,6 +353,15 @@ def test_postprocess_labels_equal_the_runtime(postprocess, pb, predictor):  # no
         assert [v.decode() for v in got[:, 0]] == [predictor.postprocess(row).label for row in rows]
     assert responses[-1].error().message() == "log_probs has shape [2, 3]: expected [batch, 4]"
 
+    nan = batches[1].copy()
+    nan[3, 2] = np.nan
+    (response,) = postprocess.execute([pb.InferenceRequest([pb.Tensor("log_probs", nan)])])
+    assert response.has_error() and response.error().message().startswith("items[3]: the model's scores")
+    try:  # the runtime refuses such a row too (ResultError), with the same message
+        predictor.postprocess(nan[3])
+    except ValueError as exc:
+        assert response.error().message() == f"items[3]: {exc}"
+
 
 def run_ensemble(repo: Path, models: dict, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Route one request through the ensemble config's steps, as Triton's ensemble scheduler does."""
@@ -434,3 +391,72 @@ def test_ensemble_end_to_end_equals_predictor(repo, preprocess, postprocess, pb,
     want = predictor.predict_batch(list(zip(clips, TEXTS[:3])))
     np.testing.assert_allclose(out["log_probs"], [p.log_probs for p in want], atol=1e-5)
     assert [v.decode() for v in out["label"][:, 0]] == [predictor.postprocess(r).label for r in out["log_probs"]]
+
+
+# ------------------------------------------------------------------------- shipped code, no dmf install
+def _dmf_imports(path: Path) -> set[str]:
+    """The dmf modules a source file imports (dmf.x and `from dmf import x`)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("dmf.")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("dmf"):
+            found |= {node.module} if node.module != "dmf" else {f"dmf.{a.name}" for a in node.names}
+    return found
+
+
+def test_shipped_modules_are_all_that_preprocess_imports():
+    """The entry ships dmf/contract.py and dmf/preprocess.py; if dmf.preprocess ever imports more of
+    dmf, SHIPPED_MODULES must grow (or the server would need a dmf install)."""
+    shipped = {f"dmf.{Path(m).stem}" for m in T.SHIPPED_MODULES["preprocess"]}
+    for module in shipped:
+        assert _dmf_imports(REPO_ROOT / "dmf" / f"{module.split('.')[1]}.py") <= shipped, module
+    assert _dmf_imports(REPO_ROOT / "export" / "triton_model.py") == set()  # model.py loads the copies by path
+    assert T.SHIPPED_MODULES["postprocess"] == ("contract.py",)
+
+
+def test_preprocess_entry_runs_without_dmf_or_torch(repo, rt, predictor, tmp_path):  # noqa: F811
+    """model.py in a fresh Python where dmf cannot be imported: the shipped copies do the work,
+    torch is never imported, and the numbers equal dmf.runtime's."""
+    from google.protobuf import json_format
+
+    entry = repo / "dmf_preprocess"
+    (tmp_path / "config.json").write_text(json_format.MessageToJson(parse(entry), preserving_proto_field_name=True))
+    good, bad = rt.clips["good2.wav"], rt.clips["notaudio.wav"]
+    script = textwrap.dedent(f"""
+        import importlib.util, json, sys
+        import numpy as np
+        # no dmf: drop the editable-install finder and any path holding a dmf package
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in str(getattr(f, "__module__", ""))]
+        sys.path[:] = [p for p in sys.path if p and not __import__("os").path.isdir(p + "/dmf")]
+        if importlib.util.find_spec("dmf") is not None:
+            print(json.dumps({{"skip": "dmf is still importable"}})); sys.exit(0)
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import triton_backend_stub
+        pb = sys.modules["triton_python_backend_utils"] = triton_backend_stub.module()
+        spec = importlib.util.spec_from_file_location("model", {str(entry / "1" / "model.py")!r})
+        module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+        model = module.TritonPythonModel()
+        model.initialize({{"model_config": open("config.json").read(), "model_version": "1"}})
+        clips = [open({str(good)!r}, "rb").read(), open({str(bad)!r}, "rb").read()]
+        request = lambda a, t: pb.InferenceRequest([pb.Tensor("AUDIO", np.array([[a]], dtype=object)),
+                                                    pb.Tensor("TEXT", np.array([[t]], dtype=object))])
+        ok, err = model.execute([request(clips[0], b"hello there"), request(clips[1], b"hello")])
+        np.savez("out.npz", **{{t.name(): t.as_numpy() for t in ok.output_tensors()}})
+        print(json.dumps({{"error": err.error().message(), "torch": "torch" in sys.modules,
+                          "dmf": sorted(k for k in sys.modules if k.split(".")[0] == "dmf"),
+                          "from": sys.modules["dmf.preprocess"].__file__}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    if "skip" in report:
+        pytest.skip(report["skip"])
+    assert report["dmf"] == ["dmf", "dmf.contract", "dmf.preprocess"] and not report["torch"]
+    assert report["from"] == str(entry / "1" / "dmf" / "preprocess.py")
+    with pytest.raises(INPUT_ERRORS) as info:
+        predictor.preprocess(bad.read_bytes(), "hello")
+    assert report["error"] == str(info.value)
+    got, want = np.load(tmp_path / "out.npz"), predictor.preprocess(good.read_bytes(), "hello there")
+    for name in C.INPUT_NAMES:
+        assert np.array_equal(got[name], want[name][None]), name
