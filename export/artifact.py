@@ -43,7 +43,13 @@ def manifest(*, model_config, engine: str, precision: str, max_batch: int, check
         "files": dict(sorted(files.items())),
         "parity": {k: parity[k] for k in PARITY_SUMMARY_KEYS if k in parity},
         "model_config": json.loads(json.dumps(asdict(model_config))),
-    }
+    } | _tensorrt_target(parity)
+
+
+def _tensorrt_target(parity: dict) -> dict:
+    """engine trt: the TensorRT version and GPU the plan was built and checked on (plans are not
+    portable); optional, absent for onnx artifacts."""
+    return {"tensorrt": dict(parity["tensorrt"])} if parity.get("tensorrt") else {}
 
 
 # Keys of parity.json repeated under "parity" in dmf.json.

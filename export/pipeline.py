@@ -259,26 +259,28 @@ def _int8(fp32: Path, work: Path, feeds, reference, agreement, options: ExportOp
 
 
 def _tensorrt(fp32: Path, work: Path, feeds, reference, options: ExportOptions, cfg, parity: dict) -> Path:
+    """Build the plan, then verify it through the runtime's TrtEngine at batch min(max_batch, N) and 1."""
     from dmf.export import verify as V
-    from dmf.export.tensorrt import build_engine, major_version, run_engine
+    from dmf.export.tensorrt import build_engine, build_target, major_version, run_plan
 
     source = fp32
     if options.precision == "fp16" and major_version() >= 11:  # strongly typed: fp16 comes from the graph
         from dmf.export.optimize import convert_fp16
 
         source = convert_fp16(fp32, work / "fp16.onnx")
+        _opcheck(source, "fp16 graph")
     plan = build_engine(source, work / "model.plan", precision=options.precision, max_batch=options.max_batch,
-                        input_dims={"audio": (cfg.max_audio_samples,), "input_ids": (cfg.max_tokens,),
-                                    "attention_mask": (cfg.max_tokens,)})
-    batch = min(options.max_batch, len(feeds["audio"]))
-    whole = V.compare(reference, run_engine(plan, feeds, batch=batch))
-    single = V.compare(reference, run_engine(plan, feeds, batch=1))
+                        input_dims={C.AUDIO_INPUT: (cfg.max_audio_samples,), C.IDS_INPUT: (cfg.max_tokens,),
+                                    C.MASK_INPUT: (cfg.max_tokens,)})
+    batch = min(options.max_batch, len(feeds[C.AUDIO_INPUT]))
+    outs = run_plan(plan, cfg, options.precision, feeds, (batch, 1))
+    whole, single = (V.compare(reference, out) for out in outs)
     result = V.Parity(whole.samples, max(whole.max_abs_diff, single.max_abs_diff),
                       min(whole.argmax_agreement, single.argmax_agreement))
     atol = V.FP32_ATOL if options.precision == "fp32" else V.FP16_ATOL
     _gate(V.parity_failure(result, atol, f"TensorRT {options.precision} export"))
     parity.update(checked_with="tensorrt", max_abs_diff=result.max_abs_diff,
-                  argmax_agreement=result.argmax_agreement, tolerance=atol)
+                  argmax_agreement=result.argmax_agreement, tolerance=atol, tensorrt=build_target())
     return plan
 
 

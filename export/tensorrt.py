@@ -1,26 +1,31 @@
-"""TensorRT: build a serialized engine (model.plan) from the exported ONNX graph; run it to verify.
+"""TensorRT: build a serialized engine (model.plan) from the exported ONNX graph, and run it for
+verification through the runtime's own `TrtEngine` (the code `dmf predict` and `dmf serve` run).
 
 `tensorrt` is imported inside the functions (it needs a CUDA GPU and is an extra: `dmf[trt]`).
 Precision:
-- fp32: a plain build.
-- fp16 on TensorRT 10: `BuilderFlag.FP16` (weak typing) with normalisation and softmax layers
-  pinned to fp32 through layer precision + `OBEY_PRECISION_CONSTRAINTS` (LayerNorm overflows in
-  fp16, a known BERT issue).
+- fp32: a plain build, TF32 off.
+- fp16 on TensorRT 10: `BuilderFlag.FP16` (weak typing) with normalisation, softmax and float
+  reduction layers pinned to fp32 through layer precision + `OBEY_PRECISION_CONSTRAINTS` (LayerNorm
+  overflows in fp16, a known BERT issue). Only float outputs are pinned: integer and shape tensors
+  keep their type (NvInfer.h `setOutputType`), else the constrained build fails.
 - fp16 on TensorRT 11+: the FP16 flag and weak typing are gone; every network is strongly typed,
   so the build parses an fp16 ONNX graph (LayerNorm/Softmax kept fp32 in the graph by
   `optimize.convert_fp16`) with the STRONGLY_TYPED creation flag (required on 10.x, implied on 11).
-The batch dim gets one optimisation profile: min 1, opt max(1, max_batch // 2), max max_batch.
+The batch dim gets one optimisation profile: min 1, opt = the server's default batch (8) clipped
+to max_batch, max max_batch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from dmf.export import ExportError
 
 NEED = "TensorRT export needs a CUDA GPU and the tensorrt package"
+NO_GPU_HINT = "no usable CUDA GPU, or a driver older than this TensorRT's CUDA (CUDA 13 wheels need driver >= 580)"
 
 
 def unavailable_reason() -> str | None:
@@ -51,6 +56,67 @@ def major_version() -> int:
     return int(str(trt.__version__).split(".")[0])
 
 
+def build_target() -> dict:
+    """What a plan is bound to (plans are not portable): TensorRT version, GPU name and compute
+    capability of the current CUDA device. Recorded as `tensorrt` in parity.json and dmf.json."""
+    import tensorrt as trt
+    import torch
+
+    device = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(device)
+    return {"version": str(trt.__version__), "gpu": torch.cuda.get_device_name(device),
+            "compute_capability": f"{major}.{minor}"}
+
+
+def profile_batches(max_batch: int) -> tuple[int, int, int]:
+    """(min, opt, max) batch of the optimisation profile: TensorRT tunes kernels for opt, so opt is
+    the batch `dmf serve` forms by default, clipped to the plan's max."""
+    from dmf.runtime.server import ServeOptions
+
+    return 1, min(ServeOptions.max_batch, max_batch), max_batch
+
+
+def pin_fp32(trt, network) -> int:
+    """TensorRT 10 fp16 (weak typing): run normalisation, softmax and reductions in fp32. A layer is
+    pinned only when every output is a float execution tensor: integer and shape outputs must keep
+    their type and, under OBEY_PRECISION_CONSTRAINTS, a float constraint on them fails the build.
+    Returns the number of layers pinned."""
+    keep = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.REDUCE}
+    floats = {trt.float32, trt.float16}
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if layer.type not in keep or not all(t.dtype in floats and not t.is_shape_tensor for t in outputs):
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            layer.set_output_type(j, trt.float32)
+        pinned += 1
+    return pinned
+
+
+def _builder(trt, logger):
+    try:
+        return trt.Builder(logger)
+    except Exception as exc:  # TypeError "factory function returned nullptr": no usable GPU/driver
+        raise ExportError(f"TensorRT cannot create its builder ({type(exc).__name__}: "
+                          f"{(str(exc).strip().splitlines() or [''])[0]}): {NO_GPU_HINT}") from None
+
+
+def _parse(trt, builder, logger, onnx_path: Path, strongly_typed: bool):
+    """(network, parser) for the ONNX file; the parser must outlive the network."""
+    flags = 0
+    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse {onnx_path.name}: {errors[:400]}")
+    return network, parser
+
+
 def build_engine(onnx_path: str | Path, plan_path: str | Path, *, precision: str, max_batch: int,
                  input_dims: dict[str, tuple[int, ...]], workspace_bytes: int = 4 << 30) -> Path:
     """Parse `onnx_path` (an fp16 graph for fp16 on TensorRT >= 11), build, write `plan_path`.
@@ -59,72 +125,43 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, precision: str
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    major = major_version()
-    strongly_typed = precision == "fp16" and major >= 11
-    flags = 0
-    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT could not parse {Path(onnx_path).name}: {errors[:400]}")
+    builder = _builder(trt, logger)
+    strongly_typed = precision == "fp16" and major_version() >= 11
+    network, _parser = _parse(trt, builder, logger, Path(onnx_path), strongly_typed)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     profile = builder.create_optimization_profile()
-    opt = max(1, max_batch // 2)
+    low, opt, high = profile_batches(max_batch)
     for name, dims in input_dims.items():
-        profile.set_shape(name, (1, *dims), (opt, *dims), (max_batch, *dims))
+        profile.set_shape(name, (low, *dims), (opt, *dims), (high, *dims))
     config.add_optimization_profile(profile)
     if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # TF32 matmuls (on by default) would miss the 1e-4 parity
     if precision == "fp16" and not strongly_typed:  # TensorRT 10: weak typing with fp32 islands
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        keep = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.REDUCE}
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if layer.type in keep:
-                layer.precision = trt.float32
-                for j in range(layer.num_outputs):
-                    layer.set_output_type(j, trt.float32)
+        pin_fp32(trt, network)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ExportError("TensorRT engine build failed (build_serialized_network returned None)")
+        raise ExportError("TensorRT engine build failed (build_serialized_network returned None; "
+                          "see the TensorRT log above)")
     Path(plan_path).write_bytes(bytes(serialized))
     return Path(plan_path)
 
 
-def run_engine(plan_path: str | Path, feeds: dict[str, np.ndarray], output: str = "log_probs",
-               batch: int | None = None) -> np.ndarray:
-    """Run a plan on the GPU (torch CUDA tensors as buffers), in chunks of `batch`."""
-    import tensorrt as trt
-    import torch
+def run_plan(plan: str | Path, model_config, precision: str, feeds: dict[str, np.ndarray],
+             batches: Sequence[int]) -> list[np.ndarray]:
+    """The plan's (N, C) log-probs on `feeds`, once per chunk size in `batches`, through the
+    runtime's TrtEngine (the code `dmf predict` and `dmf serve` run, on its own CUDA stream);
+    the engine is closed afterwards."""
+    from dmf.export.verify import open_graph, run_chunks
+    from dmf.runtime.engines import EngineError
 
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
-    if engine is None:
-        raise ExportError(f"TensorRT could not load {plan_path}")
-    context = engine.create_execution_context()
-    stream = torch.cuda.current_stream()
-    n = len(next(iter(feeds.values())))
-    step = batch or n
-    outs = []
-    for start in range(0, n, step):
-        tensors = {}
-        for name, value in feeds.items():
-            t = torch.from_numpy(np.ascontiguousarray(value[start:start + step])).cuda()
-            if engine.get_tensor_dtype(name) == trt.int32:
-                t = t.to(torch.int32)
-            tensors[name] = t
-            context.set_input_shape(name, tuple(t.shape))
-            context.set_tensor_address(name, t.data_ptr())
-        shape = tuple(context.get_tensor_shape(output))
-        result = torch.empty(shape, dtype=torch.float32, device="cuda")
-        context.set_tensor_address(output, result.data_ptr())
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise ExportError("TensorRT execution failed")
-        stream.synchronize()
-        outs.append(result.cpu().numpy())
-    return np.concatenate(outs)
+    try:
+        engine = open_graph("trt", plan, model_config, precision)
+        try:
+            return [run_chunks(engine, feeds, batch) for batch in batches]
+        finally:
+            engine.close()
+    except EngineError as exc:
+        raise ExportError(f"cannot run the TensorRT plan {Path(plan).name}: {exc}") from None

@@ -1,7 +1,7 @@
 """dmf.export: end-to-end ONNX export, op check, parity, int8/fp16, Triton, artifact contract, errors.
 
 One tiny checkpoint per fusion (module-scoped) and one export per configuration, reused by the
-tests; the TensorRT tests need a CUDA GPU and the tensorrt package and skip without them.
+tests; the TensorRT build and its verification are in tests/test_trt.py.
 """
 
 from __future__ import annotations
@@ -385,19 +385,7 @@ def test_trt_export_without_gpu_is_a_clear_error(tmp_path, checkpoints, monkeypa
     assert "no CUDA GPU" in msg
 
 
-@pytest.mark.trt
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_trt_export_builds_a_verified_plan(precision, tmp_path, checkpoints):
-    reason = _trt_reason()
-    if reason:
-        pytest.skip(f"TensorRT unavailable: {reason}")
-    out = export_checkpoint(checkpoints["memory"], tmp_path / "plan", engine="trt", precision=precision,
-                            max_batch=8, triton_dir=tmp_path / "tri")
-    meta = json.loads((out / "dmf.json").read_text())
-    assert meta["model_file"] == "model.plan" and (out / "model.plan").stat().st_size > 0
-    assert meta["parity"]["checked_with"] == "tensorrt" and meta["parity"]["argmax_agreement"] == 1.0
-    assert (tmp_path / "tri" / "dmf_model" / "1" / "model.plan").is_file()
-    assert 'platform: "tensorrt_plan"' in (tmp_path / "tri" / "dmf_model" / "config.pbtxt").read_text()
+# The TensorRT build itself (gpu / trt markers) and its CPU-side wiring: tests/test_trt.py
 
 
 def test_import_is_light():

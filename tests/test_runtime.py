@@ -472,48 +472,7 @@ def test_readme_embedding_example_runs_as_written(rt, tmp_path):
     assert proc.stdout.strip()
 
 
-# ------------------------------------------------------------------------------------ GPU paths
-
-def _has_cuda_gpu() -> bool:
-    return shutil.which("nvidia-smi") is not None and subprocess.run(
-        ["nvidia-smi", "-L"], capture_output=True).returncode == 0
-
-
-@pytest.mark.gpu
-def test_ort_cuda_provider_matches_cpu(rt, predictor):
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers() or not _has_cuda_gpu():
-        pytest.skip("needs onnxruntime-gpu with CUDAExecutionProvider and a CUDA GPU")
-    gpu = Predictor.load(rt.artifact, providers="cuda")
-    assert gpu.engine.providers[0] == "CUDAExecutionProvider"
-    for i in range(4):
-        a, b = gpu.predict(rt.clips[f"good{i}.wav"], TEXTS[i]), predictor.predict(rt.clips[f"good{i}.wav"], TEXTS[i])
-        assert a.label == b.label
-        np.testing.assert_allclose(_probs(a), _probs(b), atol=1e-3)
-
-
-@pytest.mark.trt
-def test_native_tensorrt_plan_matches_onnx(rt, predictor, tmp_path):
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        pytest.skip("tensorrt is not installed (pip install dmf[trt]; needs a CUDA GPU)")
-    if not _has_cuda_gpu():
-        pytest.skip("TensorRT needs a CUDA GPU")
-    if rt.checkpoint is None:
-        pytest.skip("no checkpoint to export a plan from")
-    from dmf.export import export_checkpoint
-
-    plan = export_checkpoint(rt.checkpoint, tmp_path / "trt", engine="trt", precision="fp32", max_batch=8)
-    trt_pred = Predictor.load(plan)
-    assert trt_pred.engine.name == "trt"
-    items = [(rt.clips[f"good{i}.wav"], TEXTS[i]) for i in range(8)]
-    for a, b in zip(trt_pred.predict_batch(items), predictor.predict_batch(items)):
-        assert a.label == b.label
-        np.testing.assert_allclose(_probs(a), _probs(b), atol=1e-3)
-    one = trt_pred.predict(*items[0])  # batch 1 after batch 8: shapes change between calls
-    np.testing.assert_allclose(_probs(one), _probs(predictor.predict(*items[0])), atol=1e-3)
+# GPU / TensorRT paths: tests/test_trt.py
 
 
 def test_training_pipeline_and_runtime_give_identical_arrays(rt, predictor):
