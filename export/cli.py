@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from dmf.cliutil import fail
+
 STEP_LABELS = {
     "load": "loading checkpoint",
     "export": "exporting to ONNX (torch.onnx, dynamo)",
@@ -21,15 +23,6 @@ STEP_LABELS = {
     "trt": "building TensorRT engine",
     "write": "writing artifact",
 }
-
-
-def _fail(exc: Exception) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-
-    Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False,
-                               soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def register(app: typer.Typer) -> None:
@@ -80,7 +73,7 @@ def register(app: typer.Typer) -> None:
                                          on_step=on_step)
                 on_step("done")
         except ExportError as exc:
-            _fail(exc)
+            fail(exc)
             return
         import json
 

@@ -21,20 +21,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from dmf.cliutil import fail
 from dmf.config import ConfigError, DMFConfig, preset
 
 SECTIONS = ("model", "data", "train")
-
-
-def _fail(exc: Exception) -> None:
-    """One red line on stderr, exit code 2."""
-    from rich.markup import escape
-
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    # escaped: messages quote paths and backend errors with [brackets] that rich would read as markup
-    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False,
-                               soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def parse_folds(fold: str) -> list[int] | None:
@@ -210,7 +200,7 @@ def train(
         summary = _run(flags, preset_name, config_file, fold, out, checkpoint_every, progress and main,
                        memory_check)
     except _user_errors() + (_distributed_error(),) as exc:
-        _fail(exc)
+        fail(exc)
     except RuntimeError as exc:
         _fail_if_peer_lost(exc)
         raise
@@ -226,14 +216,14 @@ def _fail_if_peer_lost(exc: RuntimeError) -> None:
 
     lost = peer_failure(exc)
     if lost is not None:
-        _fail(lost)
+        fail(lost)
 
 
 def _launch_or_fail(nproc: int, ctx: typer.Context) -> None:
     from dmf.train.distributed import launched_by_torchrun
 
     if launched_by_torchrun():
-        _fail(ConfigError(f"--nproc {nproc} launches torchrun itself: under torchrun, leave it out"))
+        fail(ConfigError(f"--nproc {nproc} launches torchrun itself: under torchrun, leave it out"))
     code = _launch(nproc, _forwarded_args(ctx))
     if code != 0:
         Console(stderr=True).print(

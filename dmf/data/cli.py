@@ -14,16 +14,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from dmf.cliutil import fail
 from dmf.data.corpus import FORMATS, DataError, load_corpus
 from dmf.preprocess import AudioError
 
 data_app = typer.Typer(name="data", help="Inspect corpora (IEMOCAP trees, manifests).", no_args_is_help=True)
-
-
-def _fail(exc: Exception) -> None:
-    """One red line on stderr, exit code 2."""
-    Console(stderr=True).print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def _parse_labels(labels: str | None) -> tuple[str, ...] | None:
@@ -63,7 +58,7 @@ def stats(
     try:
         counts = load_corpus(path, format=format, labels=_parse_labels(labels)).counts()
     except (DataError, AudioError) as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         typer.echo(json.dumps(counts, indent=2))
     else:
@@ -86,7 +81,7 @@ def synth(
             summary = synthesize(out, seed=seed, utterances=utterances, overwrite=overwrite,
                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (DataError, AudioError) as exc:
-        _fail(exc)
+        fail(exc)
     by_label = " ".join(f"{k}={v}" for k, v in summary["by_label"].items())
     typer.echo(f"wrote {summary['total']} utterances ({by_label}; {len(summary['by_session'])} sessions, "
                f"{len(summary['speakers'])} speakers, {summary['dropped']} dropped-code) to {out}")
