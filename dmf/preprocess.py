@@ -13,11 +13,12 @@ BERT fast tokenizer called with `padding="max_length", truncation=True` gives.
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import struct
 from pathlib import Path
-from typing import IO, Union
+from typing import IO, Iterator, Union
 
 import numpy as np
 import soundfile as sf
@@ -29,9 +30,27 @@ AudioSource = Union[str, Path, bytes, bytearray, memoryview, IO[bytes], np.ndarr
 NORM_EPS = 1e-7  # the feature extractor's epsilon: keeps silence finite (0 / sqrt(1e-7) = 0)
 NORMALIZE_OVER = ("all", "real_samples")  # statistics over the padded clip | the samples before the padding
 
+# Bounds on what one clip may cost to decode (header-checked before any sample is decoded). With
+# mono=True and keep_seconds, a decode holds at most keep_seconds x MAX_SAMPLE_RATE float32 samples
+# plus one block: (5 s window + 1 s margin) x 384 kHz x 4 B = 9 MiB, plus 4 MiB at 64 channels.
+MAX_SAMPLE_RATE = 384_000  # the highest rate audio interfaces record at
+MAX_CHANNELS = 64  # more than any recording layout in use (7th-order ambisonics is 64)
+DECODE_BLOCK_FRAMES = 16384  # frames per read when down-mixing while decoding
+UNKNOWN_FRAMES = 2**62  # libsndfile reports SF_COUNT_MAX frames when a header leaves the length open
+# soxr's output for the model's window is bit-identical whether it sees the whole clip or the
+# window plus this margin (measured for 1 kHz .. 384 kHz input), so only that much is decoded.
+RESAMPLE_MARGIN_S = 1.0
+# int32 full scale. Float audio lies within [-1, 1] (int-scaled floats up to this); past it the
+# normaliser's float32 variance can overflow, and the model returns NaN or a wrong answer.
+MAX_ABS_SAMPLE = 2.0**31
+
 
 class AudioError(ValueError):
     """Audio that cannot be decoded or used; the one-line message names the source and the problem."""
+
+
+class AudioRangeError(AudioError):
+    """Decodable audio whose samples are unusable: NaN, Inf, or far outside any audio range."""
 
 
 class TextError(ValueError):
@@ -49,10 +68,11 @@ def _source_name(source: object) -> str:
     return str(getattr(source, "name", "<stream>"))
 
 
-def _wav_truncation(fh: IO[bytes]) -> str | None:
-    """Why a RIFF/WAVE stream is truncated, or None. libsndfile silently shortens such files
-    (it trusts the bytes present over the header), so a cut upload would otherwise pass as a
-    shorter clip. Non-WAV streams and streaming headers (size 0 / 0xFFFFFFFF) are not judged."""
+def _wav_problem(fh: IO[bytes]) -> str | None:
+    """What is wrong with a RIFF/WAVE stream's header, or None. libsndfile silently shortens a
+    truncated file (it trusts the bytes present over the header), so a cut upload would otherwise
+    pass as a shorter clip, and it refuses a 0 Hz or 0-channel header only as "SF_INFO struct
+    incomplete". Non-WAV streams and streaming sizes (0 / 0xFFFFFFFF) are not judged."""
     start = fh.tell()
     try:
         end = fh.seek(0, os.SEEK_END)
@@ -65,6 +85,11 @@ def _wav_truncation(fh: IO[bytes]) -> str | None:
             if len(chunk) < 8:
                 return "no data chunk (truncated WAV)"
             cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"fmt " and size >= 8:
+                channels, rate = struct.unpack("<HI", fh.read(8)[2:8])
+                if channels == 0 or rate == 0:
+                    return f"WAV header declares {channels} channel(s) at {rate} Hz"
+                size -= 8
             if cid == b"data":
                 left = end - fh.tell()
                 if size not in (0, 0xFFFFFFFF) and size > left:
@@ -89,32 +114,117 @@ def _open_binary(source: AudioSource) -> tuple[IO[bytes], bool]:
                      "a binary file object or a numpy array")
 
 
-def load_audio(source: AudioSource, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+def load_audio(source: AudioSource, sample_rate: int | None = None, *, max_seconds: float | None = None,
+               keep_seconds: float | None = None, mono: bool = False) -> tuple[np.ndarray, int]:
     """Decode audio. Returns (data, rate): float32 data of shape (frames,) or (frames, channels).
 
     `source` is a path, bytes, a binary file object, or a numpy array (then `sample_rate` is
-    required and the array is returned as float32). Raises AudioError naming the source."""
+    required and the array is returned as float32). Raises AudioError naming the source.
+    Bounded work for untrusted input: the sample rate, channel count and length are checked from
+    the header before anything is decoded (`max_seconds`: a longer clip is refused there);
+    `keep_seconds` decodes only the first that many seconds; `mono` down-mixes (channel mean)
+    block by block, so a many-channel file never sits in memory whole. A file whose header leaves
+    the length open (streamed FLAC) is read through in blocks, discarding, to check `max_seconds`."""
     if isinstance(source, np.ndarray):
-        if sample_rate is None:
-            raise AudioError("sample_rate is required when audio is given as a numpy array")
-        return _as_float32(source), int(sample_rate)
+        return _array_audio(source, sample_rate, max_seconds, keep_seconds, mono)
     name = _source_name(source)
     try:
         fh, owned = _open_binary(source)
+    except IsADirectoryError:
+        raise AudioError(f"{name}: is a folder, not an audio file") from None
     except OSError as exc:
         raise AudioError(f"{name}: cannot open audio file: {exc.strerror or exc}") from None
     try:
-        problem = _wav_truncation(fh)
+        problem = _wav_problem(fh)
         if problem:
-            raise AudioError(f"{name}: {problem}")
-        data, rate = sf.read(fh, dtype="float32", always_2d=False)
+            raise AudioError(problem)
+        with sf.SoundFile(fh) as snd:
+            data = _decode(snd, max_seconds, keep_seconds, mono)
+            rate = snd.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         detail = str(exc).split(":")[-1].strip() or type(exc).__name__
-        raise AudioError(f"{name}: not readable audio ({detail})") from None
+        raise AudioError(f"{name}: not readable audio ({_LIBSNDFILE_WORDS.get(detail, detail)})") from None
+    except AudioError as exc:
+        raise type(exc)(f"{name}: {exc}") from None
+    except MemoryError:
+        raise AudioError(f"{name}: too large to decode in memory") from None
     finally:
         if owned:
             fh.close()
     return data, int(rate)
+
+
+# libsndfile's wording for a header it cannot use, in the user's terms
+_LIBSNDFILE_WORDS = {"SF_INFO struct incomplete.": "the header declares no usable sample rate or channel count"}
+
+
+def _check_format(rate: int, channels: int, frames: int, max_seconds: float | None) -> None:
+    """Refuse what no decoding is needed to refuse: an impossible rate or channel count, or a
+    length over `max_seconds` (frames >= UNKNOWN_FRAMES: the header does not say)."""
+    if not 0 < rate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"sample rate {rate!r} Hz is invalid: expected 1 to {MAX_SAMPLE_RATE}")
+    if not 0 < channels <= MAX_CHANNELS:
+        raise AudioError(f"{channels} channels: expected 1 to {MAX_CHANNELS}")
+    if max_seconds is not None and frames < UNKNOWN_FRAMES and frames / rate > max_seconds:
+        raise AudioError(f"audio is {frames / rate:.1f} s long, longer than the {max_seconds} s maximum")
+
+
+def _decode(snd: sf.SoundFile, max_seconds: float | None, keep_seconds: float | None,
+            mono: bool) -> np.ndarray:
+    """An open file -> its first `keep_seconds` (all: None), (frames,) if `mono` else (frames, channels)."""
+    rate, frames = snd.samplerate, snd.frames
+    _check_format(rate, snd.channels, frames, max_seconds)
+    keep = None if keep_seconds is None else int(np.ceil(keep_seconds * rate))
+    # Reading on past `keep` is only needed to learn a length the header leaves open.
+    if frames < UNKNOWN_FRAMES and not mono:  # known length, nothing to mix: one read
+        return snd.read(frames if keep is None else min(keep, frames), dtype="float32", always_2d=False)
+    limit = int(max_seconds * rate) if max_seconds is not None and frames >= UNKNOWN_FRAMES else None
+    parts, kept, seen = [], 0, 0
+    for block in _blocks(snd, open_length=frames >= UNKNOWN_FRAMES):
+        seen += len(block)
+        if limit is not None and seen > limit:
+            raise AudioError(f"audio is longer than the {max_seconds} s maximum")
+        if keep is None or kept < keep:
+            block = block if keep is None else block[:keep - kept]
+            parts.append(_to_mono(block) if mono else block)
+            kept += len(block)
+        elif limit is None:
+            break
+    channels = () if mono else (snd.channels,)
+    data = np.concatenate(parts) if parts else np.zeros((0, *channels), dtype=np.float32)
+    return data[:, 0] if data.ndim == 2 and data.shape[1] == 1 else data
+
+
+def _blocks(snd: sf.SoundFile, open_length: bool) -> Iterator[np.ndarray]:
+    """Decoded blocks, (<= DECODE_BLOCK_FRAMES, channels) float32. A stream whose header leaves the
+    length open ends at its first read error: libsndfile fails a seek at the end of such streams
+    (streamed FLAC), after the last whole block."""
+    while True:
+        try:
+            block = snd.read(DECODE_BLOCK_FRAMES, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError):
+            if not open_length:
+                raise
+            return
+        if not len(block):
+            return
+        yield block
+
+
+def _array_audio(data: np.ndarray, sample_rate: int | None, max_seconds: float | None,
+                 keep_seconds: float | None, mono: bool) -> tuple[np.ndarray, int]:
+    """load_audio for an array: the same format checks as a file header gets, then crop and mix."""
+    if sample_rate is None:
+        raise AudioError("sample_rate is required when audio is given as a numpy array")
+    rate = int(sample_rate)
+    if data.ndim == 2 and data.shape[1] > MAX_CHANNELS >= data.shape[0]:
+        raise AudioError(f"audio array has shape {data.shape}: channel-first? expected (frames, channels), "
+                         "e.g. pass data.T")
+    if data.ndim in (1, 2):
+        _check_format(rate, data.shape[1] if data.ndim == 2 else 1, data.shape[0], max_seconds)
+    if keep_seconds is not None:
+        data = data[:int(np.ceil(keep_seconds * rate))]
+    return (_to_mono(data) if mono else _as_float32(data)), rate
 
 
 def _as_float32(data: np.ndarray) -> np.ndarray:
@@ -126,13 +236,27 @@ def _as_float32(data: np.ndarray) -> np.ndarray:
     return data.astype(np.float32, copy=False)
 
 
+def _check_samples(data: np.ndarray) -> None:
+    """NaN, Inf and magnitudes past MAX_ABS_SAMPLE are refused (before any mixing, which could
+    itself overflow): the model would return NaN, or a silent wrong answer, for them."""
+    if data.size == 0:
+        return
+    if not np.isfinite(data).all():
+        raise AudioRangeError(f"audio contains {'NaN' if np.isnan(data).any() else 'Inf'} samples")
+    peak = float(np.abs(data).max())
+    if peak > MAX_ABS_SAMPLE:
+        raise AudioRangeError(f"audio has a sample of magnitude {peak:.3g}: expected at most "
+                              f"{MAX_ABS_SAMPLE:.3g} (float audio is normally within [-1, 1])")
+
+
 def _to_mono(data: np.ndarray) -> np.ndarray:
-    """(frames,) or (frames, channels) -> (frames,) by the mean over channels."""
+    """(frames,) or (frames, channels) -> (frames,) by the mean over channels; samples checked."""
     data = _as_float32(np.asarray(data))
+    if data.ndim not in (1, 2):
+        raise AudioError(f"audio array has shape {data.shape}: expected (frames,) or (frames, channels)")
+    _check_samples(data)
     if data.ndim == 2:
         return data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    if data.ndim != 1:
-        raise AudioError(f"audio array has shape {data.shape}: expected (frames,) or (frames, channels)")
     return data
 
 
@@ -146,9 +270,6 @@ def _check_audio(mono: np.ndarray, sample_rate: int, min_seconds: float, max_sec
         raise AudioError(f"audio is {seconds:.3f} s long, shorter than the {min_seconds} s minimum")
     if max_seconds is not None and seconds > max_seconds:
         raise AudioError(f"audio is {seconds:.1f} s long, longer than the {max_seconds} s maximum")
-    if not np.isfinite(mono).all():
-        kind = "NaN" if np.isnan(mono).any() else "Inf"
-        raise AudioError(f"audio contains {kind} samples")
 
 
 def normalize_audio(x: np.ndarray, eps: float = NORM_EPS, length: int | None = None) -> np.ndarray:
@@ -187,14 +308,23 @@ def prepare_audio(data: np.ndarray, sample_rate: int, *, target_rate: int = 1600
 
 
 def preprocess_audio(source: AudioSource, sample_rate: int | None = None, **prepare_kwargs) -> np.ndarray:
-    """load_audio + prepare_audio: any source -> (num_samples,) float32. Errors name the source."""
-    data, rate = load_audio(source, sample_rate)
+    """load_audio + prepare_audio: any source -> (num_samples,) float32. Errors name the source.
+    Decodes only what the model reads (its window plus RESAMPLE_MARGIN_S, or min_seconds if longer),
+    mixing to mono as it goes, and refuses a clip over max_seconds from its header."""
+    opts = {k: prepare_kwargs.get(k, _PREPARE_DEFAULTS[k])
+            for k in ("target_rate", "num_samples", "min_seconds", "max_seconds")}
+    keep = max(opts["num_samples"] / opts["target_rate"] + RESAMPLE_MARGIN_S, opts["min_seconds"])
+    data, rate = load_audio(source, sample_rate, max_seconds=opts["max_seconds"], keep_seconds=keep, mono=True)
     try:
         return prepare_audio(data, rate, **prepare_kwargs)
     except AudioError as exc:
         if isinstance(source, np.ndarray):
             raise
-        raise AudioError(f"{_source_name(source)}: {exc}") from None
+        raise type(exc)(f"{_source_name(source)}: {exc}") from None
+
+
+# prepare_audio's defaults also set how much preprocess_audio decodes
+_PREPARE_DEFAULTS = {k: p.default for k, p in inspect.signature(prepare_audio).parameters.items()}
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -212,7 +342,13 @@ def validate_text(text: object, *, field: str = "text", max_chars: int = 2000) -
         raise TextError(f"{field}: expected a string, got {type(text).__name__}")
     if not text.strip():
         raise TextError(f"{field}: text is empty")
-    return text[:max_chars]
+    text = text[:max_chars]
+    try:
+        text.encode("utf-8")  # a lone surrogate (a JSON "\ud800" escape) is no Unicode text
+    except UnicodeEncodeError as exc:
+        raise TextError(f"{field}: text contains a lone surrogate (U+{ord(text[exc.start]):04X}) at "
+                        f"character {exc.start}: not valid Unicode") from None
+    return text
 
 
 def _find_pad(tokenizer: Tokenizer) -> tuple[int, str]:

@@ -156,7 +156,7 @@ def test_bad_input_raises_a_clear_error(rt, predictor, case):
     clip, text, (kind, fragment) = {**BAD_AUDIO, **BAD_TEXT}[case]
     with pytest.raises((AudioError, TextError)) as info:
         predictor.predict(rt.clips[clip], text)
-    assert type(info.value).__name__ == kind
+    assert kind in [c.__name__ for c in type(info.value).__mro__]  # NaN / Inf: AudioRangeError
     assert fragment in str(info.value) and "\n" not in str(info.value)
     # ... and the predictor still works afterwards.
     assert predictor.predict(rt.clips["good0.wav"], "fine").label in predictor.labels

@@ -1,10 +1,13 @@
-"""Reader for user corpora described by a manifest: CSV (header row) or JSON Lines.
+"""The one manifest reader: CSV/TSV (header row) or JSON Lines (or one JSON array) -> rows.
 
-Fields: `audio`, `text`, `label`, `speaker`, `session`, optional `id` (default: derived from the
-line number). Relative audio paths resolve against the manifest's folder. Every bad row is
-collected and reported in one ManifestError (`line N: problem`); a half-read corpus is never
-returned. Line numbers: a CSV's header is line 1; JSONL lines count from 1. A `.json` file holding
-one top-level array is accepted too (rows numbered `item N`).
+Two callers share it: training (`load_manifest`: a labelled Corpus) and `dmf predict --manifest`
+(`load_prediction_rows`: audio + text + id). Both get the same parsing, line numbers, audio path
+resolution and messages. Relative audio paths resolve against the manifest's folder. Every bad row
+is collected and reported in one ManifestError (`line N: problem`); a half-read manifest is never
+returned. Line numbers: a CSV's header is line 1 and a row is named by the line it starts on; JSONL
+lines count from 1 (blank lines too); rows of a JSON array are `item N`.
+
+Torch-free (csv, json, soundfile): the runtime's `dmf predict` imports it.
 """
 
 from __future__ import annotations
@@ -12,13 +15,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import soundfile as sf
 
 from dmf.data.corpus import IEMOCAP_LABELS, Corpus, DataError, Utterance
 
-REQUIRED = ("audio", "text", "label", "speaker", "session")
+REQUIRED = ("audio", "text", "label", "speaker", "session")  # training rows
+PREDICT_REQUIRED = ("audio", "text")  # `dmf predict` rows (plus an optional id)
+CSV_SUFFIXES = (".csv", ".tsv")
+JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 MAX_LISTED = 50  # problems spelled out in the message; all of them stay in `.problems`
 
 
@@ -37,25 +45,74 @@ class _Malformed(str):
     """A row that could not be parsed, kept in place so problems stay in line order."""
 
 
+@dataclass(frozen=True)
+class PredictionRow:
+    """One row of a `dmf predict` manifest."""
+
+    where: str  # "line N" / "item N", for messages
+    id: str  # the row's id, or its audio value when it has none
+    audio: Path  # resolved against the manifest's folder
+    text: str
+
+
+# -------------------------------------------------------------------------------------- parsing
+
 def _read_text(path: Path) -> str:
+    if path.suffix.lower() not in CSV_SUFFIXES + JSON_SUFFIXES:
+        raise DataError(f"{path}: unknown manifest type {path.suffix or '(no suffix)'!r}: expected "
+                        f"{', '.join(CSV_SUFFIXES + JSON_SUFFIXES)}")
     try:
         return path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often write a BOM
     except UnicodeDecodeError:
         raise DataError(f"{path}: manifest is not valid UTF-8") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a manifest file") from None
+    except FileNotFoundError:
+        raise DataError(f"{path}: manifest not found") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read manifest: {exc.strerror or exc}") from None
 
 
-def _csv_rows(text: str, problems: list[str]) -> list[tuple[str, object]]:
-    """(where, row) for each CSV data row; a header missing required columns is a line-1 problem."""
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
-    missing = [c for c in REQUIRED if c not in header]
+class _Lines:
+    """Iterates a text's physical lines and counts them, so a CSV record is named by the line it
+    starts on even after a record the csv module refused."""
+
+    def __init__(self, text: str) -> None:
+        self._it = iter(io.StringIO(text, newline=""))
+        self.count = 0
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._it)
+        self.count += 1
+        return line
+
+
+def _csv_rows(text: str, delimiter: str, required: tuple[str, ...],
+              problems: list[str]) -> list[tuple[str, object]]:
+    """(where, row dict) for each CSV data row; a header missing required columns is a line-1
+    problem; a record the csv module refuses (a field over its 128 KiB limit) is a row problem."""
+    lines = _Lines(text)
+    reader = csv.reader(lines, delimiter=delimiter)
+    header = [h.strip() for h in next(reader, [])]
+    missing = [c for c in required if c not in header]
     if missing:
-        found = ", ".join(header) or "nothing"
-        problems.append(f"line 1: missing column(s) {', '.join(missing)} (header has {found})")
+        problems.append(f"line 1: missing column(s) {', '.join(missing)} (header has {', '.join(header) or 'nothing'})")
         return []
-    return [(f"line {reader.line_num}", row) for row in reader]
+    rows: list[tuple[str, object]] = []
+    while True:
+        where = f"line {lines.count + 1}"
+        try:
+            values = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error as exc:
+            rows.append((where, _Malformed(f"unreadable CSV record ({exc})")))
+            continue
+        if values:  # blank lines are skipped
+            rows.append((where, {k: (values[i] if i < len(values) else None) for i, k in enumerate(header)}))
 
 
 def _json_rows(text: str, problems: list[str]) -> list[tuple[str, object]]:
@@ -65,11 +122,11 @@ def _json_rows(text: str, problems: list[str]) -> list[tuple[str, object]]:
     if stripped.startswith("["):
         try:
             items = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            problems.append(f"line {exc.lineno}: malformed JSON ({exc.msg})")
+        except (json.JSONDecodeError, RecursionError) as exc:
+            problems.append(f"line {getattr(exc, 'lineno', 1)}: malformed JSON ({getattr(exc, 'msg', 'nested too deeply')})")
             return []
         return [(f"item {i}", item) for i, item in enumerate(items, start=1)]
-    rows = []
+    rows: list[tuple[str, object]] = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -77,12 +134,61 @@ def _json_rows(text: str, problems: list[str]) -> list[tuple[str, object]]:
             rows.append((f"line {n}", json.loads(line)))
         except json.JSONDecodeError as exc:
             rows.append((f"line {n}", _Malformed(f"malformed JSON ({exc.msg} at column {exc.colno})")))
+        except RecursionError:
+            rows.append((f"line {n}", _Malformed("malformed JSON (nested too deeply)")))
     return rows
 
 
-def _audio_problem(audio: Path) -> str | None:
+def read_rows(path: Path, required: tuple[str, ...]) -> tuple[list[tuple[str, object]], list[str]]:
+    """Every data row of a manifest, in file order, as (where, row), and the problems found while
+    parsing. A row is a dict, or a _Malformed (its problem), or whatever a JSON line held."""
+    text = _read_text(path)
+    problems: list[str] = []
+    suffix = path.suffix.lower()
+    if suffix in CSV_SUFFIXES:
+        rows = _csv_rows(text, "\t" if suffix == ".tsv" else ",", required, problems)
+    else:
+        rows = _json_rows(text, problems)
+    return rows, problems
+
+
+# ------------------------------------------------------------------------------------- checking
+
+def field_problem(row: object, required: tuple[str, ...]) -> str | None:
+    """What is wrong with the required fields of one row (before touching any file), or None."""
+    if isinstance(row, _Malformed):
+        return str(row)
+    if not isinstance(row, dict):
+        return f"expected an object with keys {', '.join(required)}, got {type(row).__name__}"
+    missing = [k for k in required if row.get(k) is None]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    bad_type = [k for k in required if not isinstance(row[k], str)]
+    if bad_type:
+        return f"{bad_type[0]} must be a string, got {type(row[bad_type[0]]).__name__}"
+    empty = [k for k in required if not row[k].strip()]
+    if empty:
+        return f"empty {empty[0]}"
+    return None
+
+
+def audio_path(value: str, base: Path) -> Path:
+    audio = Path(value.strip())
+    return audio if audio.is_absolute() else base / audio
+
+
+def missing_audio(audio: Path) -> str | None:
+    if audio.is_dir():
+        return f"audio is a folder, not a file: {audio}"
     if not audio.is_file():
         return f"audio file not found: {audio}"
+    return None
+
+
+def _unreadable_audio(audio: Path) -> str | None:
+    problem = missing_audio(audio)
+    if problem:
+        return problem
     try:
         sf.info(str(audio))
     except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
@@ -90,62 +196,70 @@ def _audio_problem(audio: Path) -> str | None:
     return None
 
 
-def _row_problem(row: object, labels: tuple[str, ...]) -> str | None:
-    """What is wrong with the fields of one row (before touching the audio file), or None."""
-    if isinstance(row, _Malformed):
-        return str(row)
-    if not isinstance(row, dict):
-        return f"expected an object with keys {', '.join(REQUIRED)}, got {type(row).__name__}"
-    missing = [k for k in REQUIRED if row.get(k) is None]
-    if missing:
-        return f"missing {', '.join(missing)}"
-    bad_type = [k for k in REQUIRED if not isinstance(row[k], str)]
-    if bad_type:
-        return f"{bad_type[0]} must be a string, got {type(row[bad_type[0]]).__name__}"
-    for key in ("audio", "speaker", "session"):
-        if not row[key].strip():
-            return f"empty {key}"
-    if not row["text"].strip():
-        return "empty text"
-    if row["label"].strip() not in labels:
-        return f"unknown label {row['label']!r}: expected one of {', '.join(labels)}"
-    return None
-
-
-def _parse_row(where: str, row: object, base: Path, labels: tuple[str, ...], stem: str) -> Utterance | str:
-    """An Utterance, or the problem string 'where: problem'."""
-    problem = _row_problem(row, labels)
-    if problem is None:
-        audio = Path(row["audio"].strip())
-        audio = audio if audio.is_absolute() else base / audio
-        problem = _audio_problem(audio)
-    if problem:
-        return f"{where}: {problem}"
-    utt_id = str(row.get("id") or f"{stem}-{where.replace(' ', '')}").strip()
-    return Utterance(utt_id, audio, row["text"].strip(), row["label"].strip(),
-                     row["session"].strip(), row["speaker"].strip())
-
-
-def load_manifest(path: str | Path, labels: tuple[str, ...] | None = None) -> Corpus:
-    """Read a .csv / .jsonl / .json manifest into a Corpus (rows in file order).
-    Raises ManifestError listing every bad row, DataError for an unreadable or empty file."""
-    path = Path(path)
-    labels = tuple(labels) if labels else IEMOCAP_LABELS
-    text = _read_text(path)
-    problems: list[str] = []
-    rows = _csv_rows(text, problems) if path.suffix.lower() == ".csv" else _json_rows(text, problems)
-    utterances, seen = [], {}
-    for where, row in rows:
-        result = _parse_row(where, row, path.parent, labels, path.stem)
+def _collect(path: Path, parsed: list[tuple[str, object]], problems: list[str], parse_row) -> list:
+    """parse_row(where, row) -> an item with an `.id`, or a problem string; duplicates are problems.
+    Raises ManifestError if anything is wrong, DataError if there is no row at all."""
+    items, seen = [], {}
+    for where, row in parsed:
+        result = parse_row(where, row)
         if isinstance(result, str):
-            problems.append(result)
+            problems.append(f"{where}: {result}")
         elif result.id in seen:
             problems.append(f"{where}: duplicate id {result.id!r} (first at {seen[result.id]})")
         else:
             seen[result.id] = where
-            utterances.append(result)
+            items.append(result)
     if problems:
         raise ManifestError(path, problems)
-    if not utterances:
+    if not items:
         raise DataError(f"{path}: manifest has no rows")
-    return Corpus(utterances, labels)
+    return items
+
+
+# -------------------------------------------------------------------------------------- readers
+
+def load_manifest(path: str | Path, labels: tuple[str, ...] | None = None) -> Corpus:
+    """Read a training manifest (.csv / .tsv / .jsonl / .json) into a Corpus (rows in file order).
+    Raises ManifestError listing every bad row, DataError for an unreadable or empty file."""
+    path = Path(path)
+    labels = tuple(labels) if labels else IEMOCAP_LABELS
+    parsed, problems = read_rows(path, REQUIRED)
+
+    def parse(where: str, row: object) -> Utterance | str:
+        problem = field_problem(row, REQUIRED)
+        if problem is None and row["label"].strip() not in labels:
+            problem = f"unknown label {row['label']!r}: expected one of {', '.join(labels)}"
+        if problem is None:
+            audio = audio_path(row["audio"], path.parent)
+            problem = _unreadable_audio(audio)
+        if problem:
+            return problem
+        utt_id = str(row.get("id") or f"{path.stem}-{where.replace(' ', '')}").strip()
+        return Utterance(utt_id, audio, row["text"].strip(), row["label"].strip(),
+                         row["session"].strip(), row["speaker"].strip())
+
+    return Corpus(_collect(path, parsed, problems, parse), labels)
+
+
+def load_prediction_rows(path: str | Path) -> list[PredictionRow]:
+    """Read a `dmf predict` manifest: `audio` and `text` required, `id` optional (a string or an
+    integer; default: the audio value). Every row is checked before anything runs (fields, audio
+    file present, ids unique); raises ManifestError listing every bad row, DataError for an
+    unreadable or empty file. Audio is not decoded here: that happens, row by row, at prediction."""
+    path = Path(path)
+    parsed, problems = read_rows(path, PREDICT_REQUIRED)
+
+    def parse(where: str, row: object) -> PredictionRow | str:
+        problem = field_problem(row, PREDICT_REQUIRED)
+        rid = row.get("id") if isinstance(row, dict) else None
+        if problem is None and (isinstance(rid, bool) or not isinstance(rid, (str, int, type(None)))):
+            problem = f"id must be a string or an integer, got {type(rid).__name__}"
+        if problem is None:
+            audio = audio_path(row["audio"], path.parent)
+            problem = missing_audio(audio)
+        if problem:
+            return problem
+        rid = str(rid).strip() if rid not in (None, "") else row["audio"].strip()
+        return PredictionRow(where, rid, audio, row["text"])
+
+    return _collect(path, parsed, problems, parse)
