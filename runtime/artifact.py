@@ -18,6 +18,7 @@ from dmf.contract import (AUDIO_INPUT, FORMAT, IDS_INPUT, INPUT_NAMES, MASK_INPU
 from dmf.contract import META_FILE as META_NAME
 
 ENGINES = tuple(MODEL_FILES)
+MAX_META_BYTES = 1 << 20  # dmf.json is a few KiB; a larger one is not ours (and is not parsed)
 
 
 class ArtifactError(RuntimeError):
@@ -94,11 +95,20 @@ def _positive_int(meta: dict, key: str, where: Path) -> int:
 
 
 def _inside(root: Path, name: str, where: Path, key: str) -> Path:
-    """`name` as a file inside the artifact folder (no absolute paths, no '..')."""
+    """`name` as a file inside the artifact folder (no absolute paths, no '..', no symlink out)."""
     rel = Path(name)
     if not name or rel.is_absolute() or ".." in rel.parts:
         raise ArtifactError(f"{where}: field '{key}' = {name!r} is invalid: expected a file name inside the artifact")
+    _no_escape(root, root / rel)
     return root / rel
+
+
+def _no_escape(root: Path, path: Path) -> None:
+    """Refuse a path whose symlinks lead out of the artifact folder: the sha256 list vouches for
+    the folder's own files, not for whatever a link points at."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ArtifactError(f"{path}: a symlink leading out of the artifact folder (to {path.resolve()}); "
+                            "copy the file into the folder")
 
 
 def _specs(meta: dict, key: str, where: Path) -> tuple[TensorSpec, ...]:
@@ -148,12 +158,19 @@ def _read_meta(root: Path) -> tuple[dict, Path]:
     where = root / META_NAME
     if not where.is_file():
         raise ArtifactError(f"{where}: missing (is {root} an artifact written by `dmf export`?)")
+    _no_escape(root, where)
+    if where.stat().st_size > MAX_META_BYTES:
+        raise ArtifactError(f"{where}: {where.stat().st_size} bytes, over the {MAX_META_BYTES} byte limit "
+                            "for a metadata file")
     try:
         meta = json.loads(where.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ArtifactError(f"{where}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except (RecursionError, ValueError) as exc:  # nesting past the parser's depth; 4300+ digit integers
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+        raise ArtifactError(f"{where}: invalid JSON: {reason}") from None
     if not isinstance(meta, dict):
         raise ArtifactError(f"{where}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:

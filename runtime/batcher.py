@@ -5,7 +5,10 @@ from asyncio code). One worker thread takes up to `max_batch` queued requests, w
 `max_wait_ms` after the first, preprocesses each request on its own (a bad request fails alone,
 with its own error, and never joins the batch), runs the rest as one batch and resolves every
 future. Inputs are fixed-length, so a result is the same alone or batched (to float rounding).
-`close()` stops intake and drains what is queued (graceful).
+`close()` stops intake and drains what is queued (graceful). A future cancelled while queued
+(its client gave up) is skipped. Errors reach futures without their traceback: a traceback pins
+the frames of the decoder, and with them a rejected request's decoded audio, until the garbage
+collector finds the cycle (engine failures are logged with theirs first).
 
 `workers` > 1 runs that many batches at once (one collector at a time, so batches still fill):
 on a CPU whose time goes into compute that is linear in the batch (the conv feature encoder over
@@ -16,6 +19,7 @@ use two cores where sequential calls cannot. On a GPU, one worker is the usual c
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -26,7 +30,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .predictor import INPUT_ERRORS, Predictor
+from .predictor import INPUT_ERRORS, Predictor, ResultError
+
+log = logging.getLogger("dmf.runtime")
 
 
 class BatcherClosed(RuntimeError):
@@ -38,6 +44,24 @@ class Overloaded(RuntimeError):
 
 
 _STOP = object()
+
+
+def _detached(error: BaseException) -> BaseException:
+    """`error` without its traceback and chained exceptions (what pins a request's frames)."""
+    error.__traceback__ = error.__context__ = error.__cause__ = None
+    return error
+
+
+def _score(predictor: Predictor, prepared: list) -> list:
+    """One batch through the predictor: a Prediction per item, or the ResultError of an item whose
+    scores are not finite (it fails alone; the rest of the batch is answered)."""
+    results: list[Any] = []
+    for row in predictor.infer(prepared):
+        try:
+            results.append(predictor.postprocess(row))
+        except ResultError as exc:
+            results.append(exc)
+    return results
 
 
 @dataclass
@@ -85,7 +109,7 @@ class MicroBatcher:
     `target` is a `Predictor` (requests are `(audio, text[, sample_rate])`, results are
     `Prediction`s), or a plain function `infer_fn(list_of_prepared) -> list_of_results` together
     with `preprocess_fn(*args) -> prepared` (default: identity on the single argument); a
-    preprocess exception fails that request only. `workers`: batches run concurrently (the
+    preprocess exception fails that request only, and so does a result that is an exception. `workers`: batches run concurrently (the
     target must be thread-safe; Predictor is). Thread-safe."""
 
     def __init__(self, target: Predictor | Callable[[list], Sequence[Any]], max_batch: int = 8,
@@ -100,7 +124,7 @@ class MicroBatcher:
         if isinstance(target, Predictor):
             predictor = target
             self._preprocess = preprocess_fn or predictor.preprocess
-            self._infer = lambda prepared: [predictor.postprocess(row) for row in predictor.infer(prepared)]
+            self._infer = lambda prepared: _score(predictor, prepared)
             self._input_errors: tuple[type[BaseException], ...] = INPUT_ERRORS
             max_batch = min(max_batch, predictor.max_batch)
         elif callable(target):
@@ -224,7 +248,7 @@ class MicroBatcher:
             if kind == "succeeded":
                 self.stats.latency_ms.append(latency)
         if error is not None:
-            req.future.set_exception(error)
+            req.future.set_exception(_detached(error))
         else:
             req.future.set_result(result)
 
@@ -250,8 +274,12 @@ class MicroBatcher:
             if len(results) != len(live):
                 raise RuntimeError(f"infer_fn returned {len(results)} results for {len(live)} requests")
         except Exception as exc:
+            log.error("a batch of %d request(s) failed", len(live), exc_info=exc)
             for req in live:
                 self._finish(req, error=exc, kind="failed")
             return
         for req, result in zip(live, results):
-            self._finish(req, result=result, kind="succeeded")
+            if isinstance(result, BaseException):
+                self._finish(req, error=result, kind="rejected")
+            else:
+                self._finish(req, result=result, kind="succeeded")

@@ -29,7 +29,12 @@ class InputError(ValueError):
     """A request that is malformed as a whole (wrong item shape, missing field)."""
 
 
-INPUT_ERRORS = (AudioError, TextError, InputError)
+class ResultError(ValueError):
+    """The model's scores for this input are not finite (NaN or Inf): refused, never reported as a
+    label. Inputs are checked first, so this means an input the model cannot score."""
+
+
+INPUT_ERRORS = (AudioError, TextError, InputError, ResultError)
 """Everything a bad request can raise: the caller's fault, never the model's."""
 
 
@@ -68,6 +73,29 @@ class Predictor:
                                                           max_chars=max_text_chars)
             except (ValueError, TextError) as exc:
                 raise ArtifactError(str(exc)) from None
+        try:
+            self._warm_up()
+        except ArtifactError:
+            engine.close()
+            raise
+
+    def _warm_up(self) -> None:
+        """One batch-1 inference on zeros (mask ones) before the predictor is used, so an artifact
+        whose model does not match its dmf.json (shapes, labels) fails at load, not at the first
+        request, and the first request does not pay the engine's lazy initialisation."""
+        a = self.artifact
+        try:
+            batch = {s.name: (np.ones if s.name == MASK_INPUT else np.zeros)((1, s.shape[1]), dtype=np.dtype(s.dtype))
+                     for s in a.inputs}  # (1, input_samples) audio, (1, max_tokens) ids and mask
+            out = np.asarray(self.engine.infer(batch))
+        except Exception as exc:  # EngineError or a backend's own exception type
+            raise ArtifactError(f"{a.path}: warm-up inference failed: {_first_line(exc)}") from None
+        expected = (1, len(self.labels))
+        if out.shape != expected:
+            raise ArtifactError(f"{a.path}: the model returns shape {out.shape} for one input: dmf.json "
+                                f"'labels' says {expected}")
+        if not np.isfinite(out).all():
+            raise ArtifactError(f"{a.path}: the model returns non-finite scores for a silent input")
 
     @classmethod
     def load(cls, artifact_dir: str | Path, engine: str = "auto", providers: str | Sequence[str] | None = None,
@@ -124,16 +152,19 @@ class Predictor:
             except EngineError:
                 raise
             except Exception as exc:  # backend-specific exception types
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise EngineError(f"inference failed: {first}") from None
+                raise EngineError(f"inference failed: {_first_line(exc)}") from None
             if out.shape != (len(chunk), len(self.labels)):
                 raise EngineError(f"model returned shape {out.shape}: expected ({len(chunk)}, {len(self.labels)})")
             outs.append(out)
         return np.concatenate(outs, axis=0)
 
     def postprocess(self, log_probs: np.ndarray) -> Prediction:
-        """One row of log-probs -> Prediction (probabilities renormalised in float64)."""
+        """One row of log-probs -> Prediction (probabilities renormalised in float64).
+        Raises ResultError for a row that is not finite."""
         row = np.asarray(log_probs, dtype=np.float64)
+        if not np.isfinite(row).all():
+            raise ResultError("the model's scores for this input are not finite (NaN or Inf); "
+                              "no label is given for it")
         probs = np.exp(row - row.max())
         probs /= probs.sum()
         return Prediction(label=self.labels[int(np.argmax(row))],
@@ -158,7 +189,13 @@ class Predictor:
                 arrays.append(self.preprocess(audio, text, rate))
             except INPUT_ERRORS as exc:
                 raise type(exc)(f"items[{i}]: {exc}") from None
-        return [self.postprocess(row) for row in self.infer(arrays)]
+        preds = []
+        for i, row in enumerate(self.infer(arrays)):
+            try:
+                preds.append(self.postprocess(row))
+            except ResultError as exc:
+                raise ResultError(f"items[{i}]: {exc}") from None
+        return preds
 
     def close(self) -> None:
         self.engine.close()
@@ -172,6 +209,11 @@ class Predictor:
     def __repr__(self) -> str:
         return (f"Predictor({str(self.artifact.path)!r}, engine={self.engine.name!r}, "
                 f"providers={self.engine.providers}, labels={list(self.labels)})")
+
+
+def _first_line(exc: BaseException) -> str:
+    """A backend's message cut to its first line (ORT and TensorRT write multi-line banners)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _check_not_empty(audio: Any) -> None:

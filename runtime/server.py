@@ -1,35 +1,57 @@
-"""HTTP server (`dmf serve`, extra `[serve]`): FastAPI app over a MicroBatcher.
+"""HTTP server (`dmf serve`, extra `[serve]`): a Starlette app over a MicroBatcher, run by uvicorn.
 
-Endpoints
+Endpoints (the route table `ROUTES`; each handler reads what it needs from `request.app.state`)
 - `POST /v1/predict`: multipart/form-data with a file field `audio` (any format libsndfile reads)
   and a field `text` (UTF-8; a plain field or a file part). 200: `{"label", "probabilities"}`.
-  Errors are JSON `{"error": "..."}`: 400 bad audio/text/missing field/malformed multipart,
-  413 upload over the size limit, 415 not multipart, 503 overloaded or shutting down,
-  500 engine failure. A bad request never affects other requests.
+  Errors are JSON `{"error": "..."}` with the status from one table (`ERROR_STATUS`): 400 bad
+  audio/text, missing field, malformed multipart; 408 body not received within the request
+  timeout; 413 upload over the size limit; 415 not multipart; 422 audio samples or model scores
+  that are not finite or out of range; 503 busy, no result within the timeout, or shutting down;
+  500 engine failure (the detail goes to the log, never to the client). A bad request never
+  affects other requests. A client that disconnects is counted as 499, not as a server error.
 - `GET /healthz`: 200 `{"status": "ok", ...artifact summary}` while serving, 503 when closing.
 - `GET /metrics`: JSON by default; Prometheus text exposition with `?format=prometheus`.
   Request counts by status code, batches, batch-size histogram, request latency p50/p99.
 
-`create_app(predictor, options)` builds the ASGI app; tests use it in-process and under uvicorn.
-The batcher is created with the app and closed (drained) in the lifespan shutdown, which uvicorn
-runs after it has finished the in-flight requests. fastapi is imported inside create_app.
+Limits (`ServeOptions`): at most `max_queue` predict requests at once (each holds at most one
+upload, so upload memory is bounded by max_queue x max_upload_mb; upload parts over 1 MiB spool
+to a temp file while they arrive); each has `request_timeout_s` for its body (else 408) and its
+result (else 503); a connection gets `header_timeout_s` to send a request's headers and is closed
+after `keep_alive_s` idle; uvicorn refuses connections past `max_connections`. On SIGTERM uvicorn
+stops accepting and finishes in-flight requests; those still waiting `grace_s` later get 503.
+
+`create_app(predictor, options)` builds the ASGI app (tests use it in-process); `serve()` runs
+it under uvicorn. starlette and uvicorn are imported inside the functions that need them.
 """
+
+from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
+from dmf.contract import MAX_CLIP_SECONDS, MIN_CLIP_SECONDS
+from dmf.preprocess import AudioError, AudioRangeError, TextError
+
 from .batcher import BatcherClosed, MicroBatcher, Overloaded
 from .engines import EngineError
-from .predictor import INPUT_ERRORS, Predictor
+from .predictor import InputError, Predictor, ResultError
 
-MAX_PARTS = 8
+log = logging.getLogger("dmf.runtime.server")
+
+FORM_FIELDS = ("audio", "text")
+MAX_PARTS = 8  # form parts parsed before the body is refused (only two are used)
+MAX_FIELD_BYTES = 64 * 1024  # a plain (non-file) field; the model reads max_tokens tokens anyway
+MAX_HEADER_BYTES = 16 * 1024  # request line + headers (h11's buffer limit)
+SHUTDOWN_FLUSH_S = 2.0  # uvicorn's own shutdown limit is grace_s + this, so the 503s get written
+CLIENT_GONE = 499  # nginx's code for "client closed the request": recorded, never sent
 
 
 @dataclass(frozen=True)
@@ -38,19 +60,24 @@ class ServeOptions:
     max_wait_ms: float = 5.0  # how long the batcher waits for more requests after the first
     workers: int = 1  # batches run at once (CPU: 2 workers x 1 onnxruntime thread uses 2 cores)
     max_upload_mb: float = 10.0  # request body limit (413 above it)
-    max_audio_seconds: float = 60.0  # longest accepted clip (the model uses the first input_samples)
-    min_audio_seconds: float = 0.1  # shortest accepted clip
-    max_queue: int = 1024  # queued requests before 503
-    request_timeout_s: float = 60.0  # a request waiting longer than this for its result gets 503
+    max_audio_seconds: float = MAX_CLIP_SECONDS  # longest accepted clip (the model uses the first input_samples)
+    min_audio_seconds: float = MIN_CLIP_SECONDS  # shortest accepted clip
+    max_queue: int = 64  # predict requests at once (reading, queued or running); one more gets 503
+    request_timeout_s: float = 30.0  # per predict request: body within it (else 408), result within it (else 503)
+    grace_s: float = 10.0  # on SIGTERM, requests still unanswered this long after get 503
+    header_timeout_s: float = 10.0  # a connection must send a request's complete headers within this
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 256  # open connections (uvicorn limit_concurrency); past it uvicorn answers 503
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "workers"):
+        for name in ("max_batch", "max_queue", "workers", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} is invalid: expected an integer >= 1")
-        for name in ("max_wait_ms", "min_audio_seconds"):
+        for name in ("max_wait_ms", "min_audio_seconds", "grace_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} is invalid: expected >= 0")
-        for name in ("max_upload_mb", "max_audio_seconds", "request_timeout_s"):
+        for name in ("max_upload_mb", "max_audio_seconds", "request_timeout_s", "header_timeout_s",
+                     "keep_alive_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} = {getattr(self, name)} is invalid: expected > 0")
 
@@ -60,14 +87,50 @@ class ServeOptions:
 
 
 class HTTPError(Exception):
+    """An answer decided by the server itself (status and a message safe to show)."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
 
 
+class ClientGone(Exception):
+    """The client disconnected before its request was answered."""
+
+
+# Error -> (status, whether its message may be shown). First match wins, so subclasses come first.
+# A 5xx whose message is hidden is logged with its traceback instead.
+ERROR_STATUS: tuple[tuple[type[BaseException], int, bool], ...] = (
+    (AudioRangeError, 422, True),  # decodable, but NaN / Inf / out-of-range samples
+    (ResultError, 422, True),  # the model's scores for this input are not finite
+    (AudioError, 400, True),
+    (TextError, 400, True),
+    (InputError, 400, True),
+    (ClientGone, CLIENT_GONE, True),
+    (Overloaded, 503, True),
+    (BatcherClosed, 503, True),
+    (EngineError, 500, False),
+)
+
+
+def error_reply(exc: BaseException) -> tuple[int, str]:
+    """(status, message for the client) for an exception raised while answering a request."""
+    if isinstance(exc, HTTPError):
+        return exc.status, exc.message
+    for kind, status, shown in ERROR_STATUS:
+        if isinstance(exc, kind):
+            if not shown:
+                log.error("request failed with %d", status, exc_info=exc)
+                return status, "the model could not run on this request (details in the server log)"
+            return status, str(exc)
+    log.error("internal error", exc_info=exc)
+    return 500, "internal error (details in the server log)"
+
+
 class ServerMetrics:
-    """Request counts by status and request latency (successful predicts), thread-safe."""
+    """Request counts by status, request latency (successful predicts) and the requests admitted
+    now (`in_flight`, limited to max_queue); thread-safe."""
 
     def __init__(self, window: int = 10000) -> None:
         self.lock = threading.Lock()
@@ -75,6 +138,17 @@ class ServerMetrics:
         self.latency_ms: deque[float] = deque(maxlen=window)
         self.in_flight = 0
         self.started = time.time()
+
+    def admit(self, limit: int) -> bool:
+        with self.lock:
+            if self.in_flight >= limit:
+                return False
+            self.in_flight += 1
+            return True
+
+    def release(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
 
     def record(self, status: int, latency_ms: float) -> None:
         with self.lock:
@@ -96,80 +170,198 @@ class ServerMetrics:
             }
 
 
+class Shutdown:
+    """Graceful-shutdown state: `begin(grace_s)` when uvicorn starts shutting down; `expired` is set
+    once the grace period has passed, and every request still waiting is then answered 503."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self._expired: asyncio.Event | None = None
+
+    @property
+    def expired(self) -> asyncio.Event:
+        if self._expired is None:  # created on first use, inside the serving event loop
+            self._expired = asyncio.Event()
+        return self._expired
+
+    def begin(self, grace_s: float) -> None:
+        self.started = True
+        asyncio.get_running_loop().call_later(grace_s, self.expired.set)
+
+
 # ------------------------------------------------------------------------------------ multipart
 
-def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
-    """multipart/form-data body -> {field name: (filename or None, raw bytes)}. Raw bytes, so a
-    non-UTF-8 transcript is reported as such instead of being decoded as latin-1."""
-    from python_multipart.multipart import MultipartParser, parse_options_header
+def _parser_class():
+    """Starlette's multipart parser (its limits, spooling and error handling), with one override:
+    a plain field that is not UTF-8 is kept as bytes. Starlette decodes such a field as latin-1,
+    which would turn a mis-encoded transcript into silent mojibake; kept as bytes, validate_text
+    refuses it (tests/test_server.py, case non_utf8)."""
+    from starlette.formparsers import MultiPartParser
 
-    kind, params = parse_options_header(content_type or "")
-    if kind != b"multipart/form-data":
-        raise HTTPError(415, "expected a multipart/form-data body with fields 'audio' (file) and 'text'")
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise HTTPError(400, "malformed multipart body: no boundary in the Content-Type header")
+    class StrictTextParser(MultiPartParser):
+        def on_part_end(self) -> None:
+            part = self._current_part
+            if part.file is None:
+                try:
+                    bytes(part.data).decode("utf-8")
+                except UnicodeDecodeError:
+                    self.items.append((part.field_name, bytes(part.data)))
+                    return
+            super().on_part_end()
 
-    parts: dict[str, tuple[str | None, bytes]] = {}
-    state: dict[str, Any] = {"headers": [], "name": b"", "value": b"", "data": bytearray(), "count": 0}
-
-    def on_part_begin() -> None:
-        state.update(headers=[], data=bytearray(), disposition=b"")
-        state["count"] += 1
-        if state["count"] > MAX_PARTS:
-            raise HTTPError(400, f"too many form fields (more than {MAX_PARTS})")
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["name"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["value"] += data[start:end]
-
-    def on_header_end() -> None:
-        if state["name"].lower() == b"content-disposition":
-            state["disposition"] = state["value"]
-        state["name"], state["value"] = b"", b""
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        state["data"] += data[start:end]
-
-    def on_part_end() -> None:
-        _, opts = parse_options_header(state.get("disposition", b""))
-        name = opts.get(b"name")
-        if name is None:
-            raise HTTPError(400, "malformed multipart body: a part has no Content-Disposition name")
-        filename = opts.get(b"filename")
-        key = name.decode("utf-8", errors="replace")
-        if key in parts:
-            raise HTTPError(400, f"field {key!r} given more than once")
-        parts[key] = (filename.decode("utf-8", errors="replace") if filename is not None else None,
-                      bytes(state["data"]))
-
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
-        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
-    })
-    try:
-        parser.write(body)
-        parser.finalize()
-    except HTTPError:
-        raise
-    except Exception as exc:  # python-multipart's MultipartParseError and friends
-        raise HTTPError(400, f"malformed multipart body: {str(exc) or type(exc).__name__}") from None
-    return parts
+    return StrictTextParser
 
 
-async def _read_body(request, limit: int) -> bytes:
+async def _body(request, limit: int):
+    """The request body as it arrives, refused (413) past `limit` bytes."""
+    from starlette.requests import ClientDisconnect
+
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"upload of {int(declared)} bytes is over the {limit} byte limit")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise HTTPError(413, f"upload is over the {limit} byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise HTTPError(413, f"upload is over the {limit} byte limit")
+            yield chunk
+    except ClientDisconnect:
+        raise ClientGone("the client disconnected while sending its body") from None
+
+
+async def read_form(request, limit: int) -> tuple[io.BytesIO, str | bytes]:
+    """A predict request's body -> (audio as a named stream, text as str or raw bytes)."""
+    from python_multipart.multipart import parse_options_header
+    from starlette.formparsers import MultiPartException
+
+    kind, _ = parse_options_header(request.headers.get("content-type", ""))
+    if kind != b"multipart/form-data":
+        raise HTTPError(415, "expected a multipart/form-data body with fields 'audio' (file) and 'text'")
+    parser = _parser_class()(request.headers, _body(request, limit), max_files=MAX_PARTS,
+                             max_fields=MAX_PARTS, max_part_size=MAX_FIELD_BYTES)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise HTTPError(400, f"malformed multipart body: {exc.message}") from None
+    try:
+        return await _form_fields(form)
+    finally:
+        await form.close()
+
+
+async def _form_fields(form) -> tuple[io.BytesIO, str | bytes]:
+    missing = [f for f in FORM_FIELDS if f not in form]
+    if missing:
+        raise HTTPError(400, f"missing form field(s) {', '.join(repr(m) for m in missing)}: send "
+                             "multipart/form-data with a file field 'audio' and a field 'text'")
+    unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
+    if unknown:
+        raise HTTPError(400, f"unknown form field(s) {unknown}: expected 'audio' and 'text'")
+    for name in FORM_FIELDS:
+        if len(form.getlist(name)) > 1:
+            raise HTTPError(400, f"field {name!r} given more than once")
+    upload, text = form["audio"], form["text"]
+    if not hasattr(upload, "read"):
+        raise HTTPError(400, "audio: expected a file part (curl -F audio=@clip.wav), got a plain field")
+    audio = io.BytesIO(await upload.read())
+    if not audio.getbuffer().nbytes:
+        raise HTTPError(400, "audio: the uploaded file is empty (0 bytes)")
+    audio.name = f"audio ({upload.filename})" if upload.filename else "audio"
+    return audio, (await text.read() if hasattr(text, "read") else text)
+
+
+# ------------------------------------------------------------------------------------- handlers
+
+async def _within(awaitable: Awaitable, deadline: float, shutdown: Shutdown, status: int, message: str) -> Any:
+    """Await `awaitable` until `deadline` (time.monotonic) or the end of the shutdown grace period.
+    Past either it is cancelled (a queued request is then skipped by the batcher) and the request
+    is answered `status` / 503."""
+    task = asyncio.ensure_future(awaitable)
+    stop = asyncio.ensure_future(shutdown.expired.wait())
+    try:
+        done, _ = await asyncio.wait({task, stop}, timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})
+    if stop in done:
+        raise HTTPError(503, "the server is shutting down; retry on another instance or later")
+    raise HTTPError(status, message)
+
+
+async def _predict(request) -> dict:
+    state = request.app.state
+    opts: ServeOptions = state.options
+    deadline = time.monotonic() + opts.request_timeout_s
+    audio, text = await _within(read_form(request, opts.max_upload_bytes), deadline, state.shutdown, 408,
+                                f"request body not received within {opts.request_timeout_s:g} s")
+    future = state.batcher.submit(audio, text)
+    result = await _within(asyncio.wrap_future(future), deadline, state.shutdown, 503,
+                           f"no result within {opts.request_timeout_s:g} s; the server is overloaded")
+    return result.to_dict()
+
+
+def _json(status: int, payload: Any):
+    from starlette.responses import JSONResponse
+
+    # 408/413/499: the body may be unread; closing stops a trickling client from holding the connection.
+    headers = {"connection": "close"} if status in (408, 413, CLIENT_GONE) else None
+    return JSONResponse(payload, status_code=status, headers=headers)
+
+
+async def predict_route(request):
+    """POST /v1/predict: admission (max_queue), then the form, the batcher, and one counted answer."""
+    state = request.app.state
+    t0 = time.perf_counter()
+    if not state.metrics.admit(state.options.max_queue):
+        status, payload = 503, {"error": f"server busy: {state.options.max_queue} requests in progress; retry later"}
+    else:
+        try:
+            status, payload = 200, await _predict(request)
+        except Exception as exc:  # every error becomes a JSON answer; none reaches the client raw
+            status, message = error_reply(exc)
+            payload = {"error": message}
+        finally:
+            state.metrics.release()
+    state.metrics.record(status, (time.perf_counter() - t0) * 1000.0)
+    return _json(status, payload)
+
+
+async def health_route(request):
+    """GET /healthz: 503 while shutting down; the artifact is named by its folder, not its path."""
+    state = request.app.state
+    if state.batcher.closed or state.shutdown.started:
+        return _json(503, {"error": "shutting down"})
+    summary = {**state.predictor.artifact.summary(), "path": state.predictor.artifact.path.name}
+    return _json(200, {"status": "ok", "providers": state.predictor.engine.providers, **summary})
+
+
+async def metrics_route(request):
+    """GET /metrics[?format=json|prometheus]."""
+    from starlette.responses import PlainTextResponse
+
+    state = request.app.state
+    server, batch = state.metrics.snapshot(), state.batcher.stats.snapshot()
+    fmt = request.query_params.get("format", "json")
+    if fmt == "prometheus":
+        return PlainTextResponse(prometheus_text(server, batch, state.batcher.queue_depth()),
+                                 media_type="text/plain; version=0.0.4")
+    if fmt != "json":
+        return _json(400, {"error": f"format {fmt!r} is invalid: expected json or prometheus"})
+    return _json(200, {**server, "queue_depth": state.batcher.queue_depth(), "batcher": batch,
+                       "options": asdict(state.options)})
+
+
+# (method, path, handler): add a route here; handlers take the request and read app.state.
+ROUTES: list[tuple[str, str, Callable]] = [
+    ("POST", "/v1/predict", predict_route),
+    ("GET", "/healthz", health_route),
+    ("GET", "/metrics", metrics_route),
+]
 
 
 # ------------------------------------------------------------------------------------ prometheus
@@ -205,13 +397,12 @@ def prometheus_text(server: dict, batcher: dict, queue_depth: int) -> str:
 # ------------------------------------------------------------------------------------------- app
 
 def create_app(predictor: Predictor, options: ServeOptions | None = None):
-    """The ASGI app: a FastAPI instance with its own MicroBatcher (app.state.batcher)."""
+    """The ASGI app: `ROUTES` over app.state (predictor, batcher, metrics, options, shutdown)."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
 
     opts = options or ServeOptions()
 
@@ -221,109 +412,88 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None):
 
     batcher = MicroBatcher(predictor, max_batch=opts.max_batch, max_wait_ms=opts.max_wait_ms,
                            workers=opts.workers, preprocess_fn=preprocess, max_queue=opts.max_queue)
-    metrics = ServerMetrics()
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        # uvicorn has finished the in-flight requests by now; drain anything still queued.
-        batcher.close()
+        # uvicorn has answered the in-flight requests by now; drain anything still queued.
+        await asyncio.to_thread(batcher.close)
 
-    app = FastAPI(title="dmf", summary="Dual Memory Fusion speech emotion recognition", lifespan=lifespan)
-    app.state.batcher = batcher
-    app.state.predictor = predictor
-    app.state.metrics = metrics
-    app.state.options = opts
+    async def http_error(request, exc: HTTPException):  # 404 / 405 from the router, as JSON
+        return _json(exc.status_code, {"error": str(exc.detail)})
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):
-        return error(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, exc):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return error(422, f"{where}: {first.get('msg', 'invalid request')}")
-
-    async def _predict(request: Request) -> dict:
-        body = await _read_body(request, opts.max_upload_bytes)
-        parts = parse_multipart(body, request.headers.get("content-type", ""))
-        missing = [f for f in ("audio", "text") if f not in parts]
-        if missing:
-            raise HTTPError(400, f"missing form field(s) {', '.join(repr(m) for m in missing)}: send "
-                                 "multipart/form-data with a file field 'audio' and a field 'text'")
-        unknown = sorted(set(parts) - {"audio", "text"})
-        if unknown:
-            raise HTTPError(400, f"unknown form field(s) {unknown}: expected 'audio' and 'text'")
-        filename, audio_bytes = parts["audio"]
-        if not audio_bytes:
-            raise HTTPError(400, "audio: the uploaded file is empty (0 bytes)")
-        audio = io.BytesIO(audio_bytes)
-        audio.name = f"audio ({filename})" if filename else "audio"
-        try:
-            future = batcher.submit(audio, parts["text"][1])
-        except (Overloaded, BatcherClosed) as exc:
-            raise HTTPError(503, str(exc)) from None
-
-        try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), opts.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise HTTPError(503, f"no result within {opts.request_timeout_s} s; the server is overloaded") from None
-        except INPUT_ERRORS as exc:
-            raise HTTPError(400, str(exc)) from None
-        except EngineError as exc:
-            raise HTTPError(500, str(exc)) from None
-        return result.to_dict()
-
-    @app.post("/v1/predict")
-    async def predict(request: Request):
-        t0 = time.perf_counter()
-        with metrics.lock:
-            metrics.in_flight += 1
-        try:
-            payload, status = await _predict(request), 200
-        except HTTPError as exc:
-            payload, status = {"error": exc.message}, exc.status
-        except Exception as exc:  # never a traceback to the client, never a crash
-            payload, status = {"error": f"internal error: {type(exc).__name__}: {exc}"}, 500
-        finally:
-            with metrics.lock:
-                metrics.in_flight -= 1
-        metrics.record(status, (time.perf_counter() - t0) * 1000.0)
-        return JSONResponse(payload, status_code=status)
-
-    @app.get("/healthz")
-    async def healthz():
-        if batcher.closed:
-            return error(503, "shutting down")
-        return {"status": "ok", "providers": predictor.engine.providers, **predictor.artifact.summary()}
-
-    @app.get("/metrics")
-    async def metrics_endpoint(format: str = "json"):
-        server, batch = metrics.snapshot(), batcher.stats.snapshot()
-        if format == "prometheus":
-            return PlainTextResponse(prometheus_text(server, batch, batcher.queue_depth()),
-                                     media_type="text/plain; version=0.0.4")
-        if format != "json":
-            return error(400, f"format {format!r} is invalid: expected json or prometheus")
-        return {**server, "queue_depth": batcher.queue_depth(), "batcher": batch,
-                "options": asdict(opts)}
-
+    app = Starlette(routes=[Route(path, handler, methods=[method]) for method, path, handler in ROUTES],
+                    exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    app.state.predictor, app.state.batcher, app.state.options = predictor, batcher, opts
+    app.state.metrics, app.state.shutdown = ServerMetrics(), Shutdown()
     return app
 
 
+# ---------------------------------------------------------------------------------------- uvicorn
+
+def _header_deadline_protocol(header_timeout_s: float):
+    """uvicorn's h11 protocol plus a header deadline: a connection must deliver each request's
+    complete headers within `header_timeout_s` of opening or of its first byte after the previous
+    response; else it is closed. (uvicorn alone waits for ever on a client that sends nothing,
+    or a header byte a second; its keep-alive timer only covers idle time after a response.)"""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # the headers are in: the request deadline takes over
+            elif self._header_timer is None:
+                self._arm()  # bytes of the next request's headers
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadlineProtocol
+
+
 def serve(predictor: Predictor, options: ServeOptions | None = None, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", graceful_timeout_s: float = 30.0) -> None:
-    """Run the app under uvicorn until SIGINT/SIGTERM; in-flight requests finish first."""
+          log_level: str = "info") -> None:
+    """Run the app under uvicorn until SIGINT/SIGTERM; in-flight requests get `grace_s` to finish,
+    then 503."""
     try:
         import uvicorn
     except ImportError:
         raise RuntimeError("the server needs the [serve] extra: `pip install dmf[serve]`") from None
-    app = create_app(predictor, options)
+    opts = options or ServeOptions()
+    app = create_app(predictor, opts)
+
+    class GracefulServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            app.state.shutdown.begin(opts.grace_s)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            http=_header_deadline_protocol(opts.header_timeout_s),
+                            timeout_keep_alive=opts.keep_alive_s, limit_concurrency=opts.max_connections,
+                            timeout_graceful_shutdown=opts.grace_s + SHUTDOWN_FLUSH_S,
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s)
+        GracefulServer(config).run()
     finally:
         app.state.batcher.close()

@@ -427,8 +427,8 @@ def test_cli_manifest_bad_rows_reported_all_at_once_before_predicting(rt, tmp_pa
     out = tmp_path / "out.csv"
     code, text = _invoke("predict", rt.artifact, "--manifest", manifest, "--out", out)
     assert code == 2, text
-    for line, fragment in ((2, "audio file not found"), (3, "invalid JSON"), (4, "empty 'text'"),
-                           (5, "empty 'audio'"), (7, "duplicate id 'a'")):
+    for line, fragment in ((2, "audio file not found"), (3, "malformed JSON"), (4, "empty text"),
+                           (5, "missing audio"), (7, "duplicate id 'a'")):
         assert re.search(rf"line {line}: .*{re.escape(fragment)}", text), (line, text)
     assert "line 1:" not in text and "5 bad row(s)" in text
     assert not out.exists()

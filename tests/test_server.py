@@ -1,11 +1,16 @@
-"""dmf.runtime.server: in-process (fastapi TestClient) and over a real uvicorn on 127.0.0.1."""
+"""dmf.runtime.server: in-process (starlette TestClient) and over a real uvicorn on 127.0.0.1, including
+the limits of #12 (trickling, stalled and vanishing clients, decompression bombs, busy, timeout and
+shutdown answers, and what /metrics counts for each)."""
 
 from __future__ import annotations
 
+import io
 import json
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,16 +19,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi")
+pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
+import soundfile as sf  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402
 
 from conftest_runtime import ACCEPTED, BAD_AUDIO, BAD_TEXT, TEXTS, free_port, predictor, rt  # noqa: E402,F401
 
 from dmf.runtime import ServeOptions, create_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# NaN / Inf samples are decodable but unusable: 422; every other bad input: 400.
+STATUS = {"nan": 422, "inf": 422}
 
 
 def _files(rt, clip: str, text):
@@ -57,7 +67,7 @@ def test_predict_ok_matches_the_python_api(rt, predictor, client):
 def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(rt, client, case):
     clip, text, (_, fragment) = {**BAD_AUDIO, **BAD_TEXT}[case]
     r = client.post("/v1/predict", files=_files(rt, clip, text))
-    assert r.status_code == 400, r.text
+    assert r.status_code == STATUS.get(case, 400), r.text
     assert fragment in r.json()["error"]
     assert client.post("/v1/predict", files=_files(rt, "good0.wav", "ok")).status_code == 200
 
@@ -86,7 +96,13 @@ def test_missing_fields_wrong_content_type_and_upload_limit(rt, client):
     r = client.post("/v1/predict", files=[("audio", ("a.wav", wav)), ("text", (None, b"a")), ("text", (None, b"b"))])
     assert r.status_code == 400 and "more than once" in r.json()["error"]
     r = client.post("/v1/predict", files=[("audio", ("a.wav", wav))] + [(f"f{i}", (None, b"x")) for i in range(9)])
-    assert r.status_code == 400 and "too many form fields" in r.json()["error"]
+    assert r.status_code == 400 and "Too many fields" in r.json()["error"]
+    # python-multipart's own wording ("Expected boundary character 65, got 66") is not shown
+    r = client.post("/v1/predict", content=b"--AAAB\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--AAAA--",
+                    headers={"content-type": "multipart/form-data; boundary=AAAA"})
+    assert r.status_code == 400 and r.json()["error"] == "malformed multipart body: Invalid multipart data."
+    r = client.post("/v1/predict", files={"audio": (None, b"not a file part"), "text": (None, b"x")})
+    assert r.status_code == 400 and "expected a file part" in r.json()["error"]
     r = client.get("/v1/nothing-here")
     assert r.status_code == 404 and "error" in r.json()
     assert client.get("/healthz").status_code == 200
@@ -114,14 +130,32 @@ def test_health_and_metrics(rt, predictor, client):
 
 # ---------------------------------------------------------------------------- real uvicorn
 
-def _start_server(artifact: Path, port: int, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "dmf.runtime.cli", "serve", str(artifact), "--port", str(port),
-           "--threads", "1", "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+# Runs dmf.runtime.server.serve with ServeOptions(**json.loads(argv[3])): options the CLI has no flag for.
+SERVE_WITH_OPTIONS = (
+    "import json, sys\n"
+    "from dmf.runtime import Predictor\n"
+    "from dmf.runtime.server import ServeOptions, serve\n"
+    "serve(Predictor.load(sys.argv[1], threads=1), ServeOptions(**json.loads(sys.argv[3])), port=int(sys.argv[2]),\n"
+    "      log_level='warning')\n"
+)
+
+
+def _start_server(artifact: Path, port: int, *extra: str, options: dict | None = None) -> subprocess.Popen:
+    """`dmf serve ARTIFACT *extra` (or serve() with `options`) in a subprocess, once healthy. Its
+    output goes to a temp file (a pipe nobody reads would fill up and block the server)."""
+    if options is None:
+        cmd = [sys.executable, "-m", "dmf.runtime.cli", "serve", str(artifact), "--port", str(port),
+               "--threads", "1", "--log-level", "warning", *extra]
+    else:
+        cmd = [sys.executable, "-c", SERVE_WITH_OPTIONS, str(artifact), str(port), json.dumps(options)]
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited early: {proc.stdout.read()[-3000:]}")
+            log.seek(0)
+            raise AssertionError(f"server exited early: {log.read()[-3000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
                 return proc
@@ -159,7 +193,7 @@ def test_load_32_clients_over_real_uvicorn(rt, predictor):
         bad_cases = {**BAD_AUDIO, **BAD_TEXT}
         for case, (clip, text, (_, fragment)) in sorted(bad_cases.items()):  # every bad input, real loopback
             bad = httpx.post(f"{url}/v1/predict", files=_files(rt, clip, text), timeout=30)
-            assert bad.status_code == 400 and fragment in bad.json()["error"], (case, bad.text)
+            assert bad.status_code == STATUS.get(case, 400) and fragment in bad.json()["error"], (case, bad.text)
 
         def client(k: int) -> list[tuple[int, int, dict]]:
             out = []
@@ -182,7 +216,9 @@ def test_load_32_clients_over_real_uvicorn(rt, predictor):
                                        [exp.probabilities[k] for k in predictor.labels], atol=1e-5)
         assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
         metrics = httpx.get(f"{url}/metrics", timeout=10).json()
-        assert metrics["requests_by_status"]["200"] == 256 and metrics["requests_by_status"]["400"] == len(bad_cases)
+        by_status = metrics["requests_by_status"]
+        assert by_status["200"] == 256 and by_status["422"] == len(STATUS)
+        assert by_status["400"] == len(bad_cases) - len(STATUS)
         hist = {int(k): v for k, v in metrics["batcher"]["batch_size_histogram"].items()}
         assert sum(k * v for k, v in hist.items()) == 256
         assert max(hist) > 1, hist
@@ -234,3 +270,191 @@ def test_serve_refuses_a_bad_artifact(rt, tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "schema_version 7 is not supported" in proc.stderr
+
+
+# ------------------------------------------------------------------------- refusals in-process (#12)
+
+def _wav_upload(data: np.ndarray, rate: int = 16000, subtype: str = "FLOAT") -> dict:
+    buf = io.BytesIO()
+    sf.write(buf, data, rate, format="WAV", subtype=subtype)
+    return {"audio": ("x.wav", buf.getvalue(), "audio/wav"), "text": (None, b"hello")}
+
+
+def test_huge_samples_are_422_and_counted(client):
+    huge = np.full(16000, 3e38, dtype=np.float32)
+    huge[::2] *= -1  # finite, but the model would return NaN for it
+    before = client.get("/metrics").json()["requests_by_status"].get("422", 0)
+    r = client.post("/v1/predict", files=_wav_upload(huge))
+    assert r.status_code == 422 and "magnitude 3e+38" in r.json()["error"]
+    assert client.get("/metrics").json()["requests_by_status"]["422"] == before + 1
+
+
+def test_non_finite_scores_are_422_and_engine_details_stay_in_the_log(rt, predictor, client, monkeypatch, caplog):
+    monkeypatch.setattr(predictor.engine, "infer", lambda batch: np.full((len(batch["audio"]), 4), np.nan, np.float32))
+    r = client.post("/v1/predict", files=_files(rt, "good0.wav", "x"))
+    assert r.status_code == 422 and "not finite" in r.json()["error"] and "NaN" not in r.text.replace("(NaN", "")
+
+    def boom(batch):
+        raise RuntimeError("CUDA failure at /opt/secret/lib.so\nbanner line")
+
+    monkeypatch.setattr(predictor.engine, "infer", boom)
+    r = client.post("/v1/predict", files=_files(rt, "good0.wav", "x"))
+    assert r.status_code == 500 and "secret" not in r.text and "details in the server log" in r.json()["error"]
+    assert "secret" in caplog.text  # the detail is logged
+
+
+def test_healthz_names_the_artifact_folder_not_its_path(rt, client):
+    h = client.get("/healthz").json()
+    assert h["path"] == rt.artifact.name and "/" not in h["path"]
+
+
+def test_surrogate_bytes_in_text_are_refused_over_http(rt, client):
+    files = _files(rt, "good0.wav", "x")
+    files["text"] = (None, "bad \ud800 text".encode("utf-8", "surrogatepass"))  # CESU-style bytes: not UTF-8
+    r = client.post("/v1/predict", files=files)
+    assert r.status_code == 400 and "UTF-8" in r.json()["error"]
+
+
+# ------------------------------------------------------------------------ limits over uvicorn (#12)
+
+def _raw(port: int, data: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(data)
+    return sock
+
+
+def _until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and the seconds that took."""
+    t0, chunks = time.monotonic(), []
+    sock.settimeout(limit_s)
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    except socket.timeout:
+        raise AssertionError(f"the server kept the connection open for over {limit_s} s") from None
+    return b"".join(chunks), time.monotonic() - t0
+
+
+def _trickle(sock: socket.socket, stop: threading.Event, every_s: float) -> None:
+    while not stop.wait(every_s):
+        try:
+            sock.send(b"x")
+        except OSError:
+            return
+
+
+def _rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    """270 KB of FLAC that decodes to 350 s x 8 channels at 96 kHz: 1.07 GB of float32."""
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", samplerate=96000, channels=8, format="FLAC", subtype="PCM_16") as f:
+        block = np.zeros((96000 * 10, 8), dtype=np.int16)
+        for _ in range(35):
+            f.write(block)
+    return buf.getvalue()
+
+
+def _open_length(flac: bytes) -> bytes:
+    """The same FLAC with STREAMINFO's total-samples field zeroed: "length unknown" (streamed)."""
+    data = bytearray(flac)
+    data[8 + 13] &= 0xF0  # STREAMINFO starts at byte 8; total samples: 36 bits from byte 13's low nibble
+    data[8 + 14:8 + 18] = b"\0\0\0\0"
+    return bytes(data)
+
+
+# Headers declaring 100 000 bytes, then the start of a file part: what follows is file data.
+HEAD = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"audio\"; filename=\"a.wav\"\r\n\r\n")
+
+
+def test_trickling_stalled_and_vanishing_clients_are_cut_off(rt):
+    """A body trickling a byte per 0.3 s and a body that stops short of its Content-Length get 408
+    at the 2 s request timeout while another request is served; headers trickling, or nothing
+    sent at all, lose the connection at the 1 s header timeout; a client that leaves mid-body is
+    counted as 499, not 500."""
+    port = free_port()
+    proc = _start_server(rt.artifact, port, options={"request_timeout_s": 2, "header_timeout_s": 1})
+    url = f"http://127.0.0.1:{port}"
+    stop = threading.Event()
+    try:
+        trickler, staller = _raw(port, HEAD), _raw(port, HEAD + b"RIFF")
+        threading.Thread(target=_trickle, args=(trickler, stop, 0.3), daemon=True).start()
+        slow_headers, silent = _raw(port, b"POST /v1/predict HTTP/1.1\r\n"), _raw(port, b"")
+        threading.Thread(target=_trickle, args=(slow_headers, stop, 0.2), daemon=True).start()
+        ok = httpx.post(f"{url}/v1/predict", files=_files(rt, "good0.wav", "served meanwhile"), timeout=30)
+        assert ok.status_code == 200
+        for sock in (slow_headers, silent):
+            data, took = _until_closed(sock, 5)
+            assert data == b"" and took < 3
+        for sock in (trickler, staller):
+            data, took = _until_closed(sock, 6)
+            assert data.startswith(b"HTTP/1.1 408"), data[:200]
+            assert b"request body not received within 2 s" in data and took < 4
+        leaver = _raw(port, HEAD + b"y" * 1000)
+        time.sleep(0.3)
+        leaver.close()
+        time.sleep(0.5)
+        counts = httpx.get(f"{url}/metrics", timeout=10).json()["requests_by_status"]
+        assert counts == {"200": 1, "408": 2, "499": 1}, counts
+    finally:
+        stop.set()
+        assert _stop(proc) in CLEAN_EXIT
+
+
+def test_decompression_bombs_leave_the_server_rss_within_300_mb(rt, bomb):
+    port = free_port()
+    proc = _start_server(rt.artifact, port)
+    url = f"http://127.0.0.1:{port}/v1/predict"
+    try:
+        assert httpx.post(url, files=_files(rt, "good0.wav", "warm"), timeout=30).status_code == 200
+        start = _rss_mb(proc.pid)
+        for payload in (bomb, bomb, bomb, _open_length(bomb), _open_length(bomb), _open_length(bomb)):
+            t0 = time.monotonic()
+            r = httpx.post(url, files={"audio": ("bomb.flac", payload), "text": (None, b"x")}, timeout=60)
+            assert r.status_code == 400 and "longer than the 60.0 s maximum" in r.json()["error"], r.text
+            assert time.monotonic() - t0 < 5
+        grown = _rss_mb(proc.pid) - start
+        assert grown < 300, f"RSS grew by {grown:.0f} MB"
+    finally:
+        assert _stop(proc) in CLEAN_EXIT
+
+
+def test_busy_timeout_and_shutdown_answers_are_503_json(rt):
+    """--max-queue 1: a second request while one waits gets 503 busy; --timeout 2: the waiting one
+    (held by a 3 s batching window) gets 503 at 2 s; after SIGTERM, a request still waiting when
+    --grace 0.5 runs out gets 503 "shutting down", and the server exits cleanly."""
+    port = free_port()
+    proc = _start_server(rt.artifact, port, "--max-queue", "1", "--max-wait-ms", "3000", "--timeout", "2",
+                         "--grace", "0.5")
+    url = f"http://127.0.0.1:{port}"
+    send = lambda: httpx.post(f"{url}/v1/predict", files=_files(rt, "good0.wav", "x"), timeout=30)  # noqa: E731
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(send)
+            time.sleep(0.5)
+            busy = send()
+            assert busy.status_code == 503 and "server busy" in busy.json()["error"]
+            late = waiting.result(10)
+        assert late.status_code == 503 and "no result within 2 s" in late.json()["error"]
+        counts = httpx.get(f"{url}/metrics", timeout=10).json()["requests_by_status"]
+        assert counts == {"503": 2}, counts
+        time.sleep(1.5)  # the 3 s window of the timed-out request has passed (and skipped it)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(send)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            last = waiting.result(10)
+        assert last.status_code == 503 and "shutting down" in last.json()["error"]
+        assert time.monotonic() - t0 < 2
+        assert proc.wait(30) in CLEAN_EXIT
+    finally:
+        if proc.poll() is None:
+            proc.kill()

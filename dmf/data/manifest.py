@@ -17,7 +17,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import soundfile as sf
 
@@ -196,19 +196,35 @@ def _unreadable_audio(audio: Path) -> str | None:
     return None
 
 
-def _collect(path: Path, parsed: list[tuple[str, object]], problems: list[str], parse_row) -> list:
-    """parse_row(where, row) -> an item with an `.id`, or a problem string; duplicates are problems.
-    Raises ManifestError if anything is wrong, DataError if there is no row at all."""
+def _checked(row: object, required: tuple[str, ...], base: Path, row_problem: Callable[[dict], str | None],
+             audio_problem: Callable[[Path], str | None]) -> tuple[Path | None, str | None]:
+    """The row's audio path (resolved against `base`) and the first problem found: its required
+    fields, then `row_problem(row)`, then `audio_problem(audio)`; (None, problem) if any."""
+    problem = field_problem(row, required) or row_problem(row)
+    if problem:
+        return None, problem
+    audio = audio_path(row["audio"], base)
+    problem = audio_problem(audio)
+    return (None, problem) if problem else (audio, None)
+
+
+def _load(path: Path, required: tuple[str, ...], row_problem: Callable[[dict], str | None],
+          audio_problem: Callable[[Path], str | None], build: Callable[[str, dict, Path], Any]) -> list:
+    """Every row of the manifest at `path` checked (`_checked`) and built by build(where, row, audio);
+    duplicate ids are problems. Raises ManifestError if anything is wrong, DataError if there is
+    no row at all."""
+    parsed, problems = read_rows(path, required)
     items, seen = [], {}
     for where, row in parsed:
-        result = parse_row(where, row)
-        if isinstance(result, str):
-            problems.append(f"{where}: {result}")
-        elif result.id in seen:
-            problems.append(f"{where}: duplicate id {result.id!r} (first at {seen[result.id]})")
+        audio, problem = _checked(row, required, path.parent, row_problem, audio_problem)
+        item = build(where, row, audio) if problem is None else None
+        if problem:
+            problems.append(f"{where}: {problem}")
+        elif item.id in seen:
+            problems.append(f"{where}: duplicate id {item.id!r} (first at {seen[item.id]})")
         else:
-            seen[result.id] = where
-            items.append(result)
+            seen[item.id] = where
+            items.append(item)
     if problems:
         raise ManifestError(path, problems)
     if not items:
@@ -223,22 +239,30 @@ def load_manifest(path: str | Path, labels: tuple[str, ...] | None = None) -> Co
     Raises ManifestError listing every bad row, DataError for an unreadable or empty file."""
     path = Path(path)
     labels = tuple(labels) if labels else IEMOCAP_LABELS
-    parsed, problems = read_rows(path, REQUIRED)
 
-    def parse(where: str, row: object) -> Utterance | str:
-        problem = field_problem(row, REQUIRED)
-        if problem is None and row["label"].strip() not in labels:
-            problem = f"unknown label {row['label']!r}: expected one of {', '.join(labels)}"
-        if problem is None:
-            audio = audio_path(row["audio"], path.parent)
-            problem = _unreadable_audio(audio)
-        if problem:
-            return problem
+    def label_problem(row: dict) -> str | None:
+        if row["label"].strip() not in labels:
+            return f"unknown label {row['label']!r}: expected one of {', '.join(labels)}"
+        return None
+
+    def utterance(where: str, row: dict, audio: Path) -> Utterance:
         utt_id = str(row.get("id") or f"{path.stem}-{where.replace(' ', '')}").strip()
         return Utterance(utt_id, audio, row["text"].strip(), row["label"].strip(),
                          row["session"].strip(), row["speaker"].strip())
 
-    return Corpus(_collect(path, parsed, problems, parse), labels)
+    return Corpus(_load(path, REQUIRED, label_problem, _unreadable_audio, utterance), labels)
+
+
+def _id_problem(row: dict) -> str | None:
+    rid = row.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int, type(None))):
+        return f"id must be a string or an integer, got {type(rid).__name__}"
+    return None
+
+
+def _prediction_row(where: str, row: dict, audio: Path) -> PredictionRow:
+    rid = row.get("id")
+    return PredictionRow(where, str(rid).strip() if rid not in (None, "") else row["audio"].strip(), audio, row["text"])
 
 
 def load_prediction_rows(path: str | Path) -> list[PredictionRow]:
@@ -246,20 +270,4 @@ def load_prediction_rows(path: str | Path) -> list[PredictionRow]:
     integer; default: the audio value). Every row is checked before anything runs (fields, audio
     file present, ids unique); raises ManifestError listing every bad row, DataError for an
     unreadable or empty file. Audio is not decoded here: that happens, row by row, at prediction."""
-    path = Path(path)
-    parsed, problems = read_rows(path, PREDICT_REQUIRED)
-
-    def parse(where: str, row: object) -> PredictionRow | str:
-        problem = field_problem(row, PREDICT_REQUIRED)
-        rid = row.get("id") if isinstance(row, dict) else None
-        if problem is None and (isinstance(rid, bool) or not isinstance(rid, (str, int, type(None)))):
-            problem = f"id must be a string or an integer, got {type(rid).__name__}"
-        if problem is None:
-            audio = audio_path(row["audio"], path.parent)
-            problem = missing_audio(audio)
-        if problem:
-            return problem
-        rid = str(rid).strip() if rid not in (None, "") else row["audio"].strip()
-        return PredictionRow(where, rid, audio, row["text"])
-
-    return _collect(path, parsed, problems, parse)
+    return _load(Path(path), PREDICT_REQUIRED, _id_problem, missing_audio, _prediction_row)

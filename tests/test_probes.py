@@ -1,0 +1,195 @@
+"""The reliability probes behind the README's table: bad inputs through the Python API, HTTP (the
+ASGI app in-process) and `dmf predict --manifest`, each of which must be refused with a one-line
+message and the right status, never crash (500 / an unexpected exception) and never hang.
+
+`pytest -s tests/test_probes.py` prints the tally the README quotes."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import threading
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest_runtime import BAD_AUDIO, BAD_TEXT, predictor, rt, tone  # noqa: F401
+
+from dmf.preprocess import AudioError, TextError
+from dmf.runtime import InputError
+from dmf.runtime.predictor import ResultError
+
+pytest.importorskip("starlette")
+from starlette.testclient import TestClient  # noqa: E402
+
+from dmf.runtime import ServeOptions, create_app  # noqa: E402
+
+TALLY: dict[str, dict[str, int]] = {}
+REFUSED = (AudioError, TextError, InputError, ResultError)
+TIME_LIMIT_S = 20  # an answer slower than this counts as a hang
+
+
+def _sf(data: np.ndarray, rate: int, fmt: str = "WAV", subtype: str = "FLOAT") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, data, rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def _patched(data: bytes, at: int, value: bytes) -> bytes:
+    return data[:at] + value + data[at + len(value):]
+
+
+def _flac_frames(flac: bytes, frames: int) -> bytes:
+    """STREAMINFO total samples (36 bits from the low nibble of byte 21) set to `frames`."""
+    head = bytes([(flac[21] & 0xF0) | ((frames >> 32) & 0x0F)]) + (frames & 0xFFFFFFFF).to_bytes(4, "big")
+    return _patched(flac, 21, head)
+
+
+def audio_probes() -> dict[str, bytes]:
+    """Bad audio files as bytes: each must be refused wherever a file is accepted."""
+    wav = _sf(tone(1.0), 16000, subtype="PCM_16")
+    flac = _sf(tone(1.0, rate=8000), 8000, "FLAC", "PCM_16")
+    rng = np.random.default_rng(0)
+    big = np.full(16000, 3e38, np.float32)
+    return {
+        "empty": b"", "plain text": b"hello, not audio\n" * 50, "random bytes": rng.bytes(4096),
+        "RIFF, no WAVE": b"RIFF\x10\x00\x00\x00JUNKJUNKJUNK", "cut at 30 bytes": wav[:30],
+        "cut at 44 bytes": wav[:44], "cut in half": wav[:len(wav) // 2],
+        "0 Hz header": _patched(wav, 24, struct.pack("<I", 0)), "0 channels": _patched(wav, 22, struct.pack("<H", 0)),
+        "500 kHz": _sf(np.zeros(1600, np.float32), 500000), "65 channels": _sf(np.zeros((1600, 65), np.float32), 16000),
+        "0.05 s": _sf(tone(0.05), 16000), "61 s": _sf(tone(61.0, rate=8000), 8000),
+        "FLAC says 350 s": _flac_frames(flac, 350 * 8000), "FLAC of open length, 70 s":
+            _flac_frames(_sf(tone(70.0, rate=8000), 8000, "FLAC", "PCM_16"), 0),
+        "NaN": _sf(np.full(16000, np.nan, np.float32), 16000), "Inf": _sf(np.full(16000, np.inf, np.float32), 16000),
+        "+3e38": _sf(big, 16000), "-3e38": _sf(-big, 16000), "1e10 stereo": _sf(np.full((16000, 2), 1e10, np.float32), 16000),
+        "silence then NaN": _sf(np.concatenate([np.zeros(8000), [np.nan] * 10]).astype(np.float32), 16000),
+    }
+
+
+TEXT_PROBES = {"empty": "", "blank": " \t\n", "not UTF-8": b"caf\xe9 \xff", "surrogate bytes": b"\xed\xa0\x80x"}
+API_ONLY = {  # (audio, text, sample_rate) that only the Python API can be given
+    "channel-first array": (np.zeros((2, 32000), np.float32), "x", 16000),
+    "3-D array": (np.zeros((10, 2, 2), np.float32), "x", 16000), "object array": (np.array(["a"] * 16000), "x", 16000),
+    "array without rate": (tone(1.0), "x", None), "rate 0": (tone(1.0), "x", 0), "rate -1": (tone(1.0), "x", -1),
+    "rate 16000.0": (tone(1.0), "x", 16000.0), "rate True": (tone(1.0), "x", True),
+    "lone surrogate": (tone(1.0), "bad \ud800", 16000), "text None": (tone(1.0), None, 16000),
+    "text int": (tone(1.0), 42, 16000), "audio None": (None, "x", 16000), "audio int": (7, "x", 16000),
+    "a folder": (".", "x", None), "missing file": ("/nonexistent/clip.wav", "x", None),
+}
+
+
+def _count(interface: str, refused: bool, finished: bool = True) -> None:
+    row = TALLY.setdefault(interface, {"tried": 0, "refused": 0, "crashes": 0, "hangs": 0})
+    row["tried"] += 1
+    row["hangs" if not finished else "refused" if refused else "crashes"] += 1
+
+
+def _timed(fn):
+    """fn() in a thread; (result or exception, whether it finished within TIME_LIMIT_S)."""
+    box: list = []
+    t = threading.Thread(target=lambda: box.append(_call(fn)), daemon=True)
+    t.start()
+    t.join(TIME_LIMIT_S)
+    return (box[0] if box else None), bool(box)
+
+
+def _call(fn):
+    try:
+        return fn()
+    except BaseException as exc:  # noqa: BLE001 - every outcome is judged below
+        return exc
+
+
+def _api(predictor, audio, text, rate=None) -> None:
+    outcome, finished = _timed(lambda: predictor.predict(audio, text, sample_rate=rate))
+    ok = isinstance(outcome, REFUSED) and "\n" not in str(outcome)
+    _count("python API", ok, finished)
+    assert ok, f"{audio!r:.80} / {text!r:.40}: {outcome!r}"
+
+
+@pytest.fixture(scope="module")
+def http(predictor):
+    with TestClient(create_app(predictor, ServeOptions(max_upload_mb=2))) as client:
+        yield client
+
+
+def _post(http, *, expect: tuple[int, ...] = (400, 408, 413, 415, 422), **kwargs) -> None:
+    outcome, finished = _timed(lambda: http.post("/v1/predict", **kwargs))
+    ok = finished and not isinstance(outcome, BaseException) and outcome.status_code in expect \
+        and "\n" not in outcome.json().get("error", "\n")
+    _count("HTTP", ok, finished)
+    assert ok, (kwargs, outcome)
+
+
+def test_bad_audio_files_are_refused_by_api_and_http(predictor, http):
+    for name, data in audio_probes().items():
+        _api(predictor, data, "hello")
+        _post(http, files={"audio": (f"{name}.wav", data), "text": (None, b"hello")})
+
+
+def test_bad_text_is_refused_by_api_and_http(rt, predictor, http):
+    wav = rt.clips["good0.wav"].read_bytes()
+    for name, text in TEXT_PROBES.items():
+        _api(predictor, wav, text)
+        _post(http, files={"audio": ("a.wav", wav), "text": (None, text if isinstance(text, bytes) else text.encode())})
+
+
+def test_api_only_inputs_are_refused(predictor):
+    for name, (audio, text, rate) in API_ONLY.items():
+        _api(predictor, audio, text, rate)
+
+
+def test_malformed_requests_are_refused_over_http(rt, http):
+    wav = rt.clips["good0.wav"].read_bytes()
+    ok_text = (None, b"x")
+    _post(http, json={"audio": "x", "text": "y"})
+    _post(http, content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
+    _post(http, content=b"--AAAB\r\n\r\n1\r\n--AAAA--", headers={"content-type": "multipart/form-data; boundary=AAAA"})
+    _post(http, content=b"--b\r\nContent-Type: x\r\n\r\n1\r\n--b--\r\n", headers={"content-type": "multipart/form-data; boundary=b"})
+    _post(http, files={"audio": ("a.wav", wav)})
+    _post(http, files={"text": ok_text})
+    _post(http, files=[("audio", ("a.wav", wav)), ("text", ok_text), ("text", ok_text)])
+    _post(http, files={"audio": ("a.wav", wav), "text": ok_text, "extra": ok_text})
+    _post(http, files=[("audio", ("a.wav", wav))] + [(f"f{i}", ok_text) for i in range(9)])
+    _post(http, files={"audio": (None, b"plain field"), "text": ok_text})
+    _post(http, files={"audio": ("a.wav", b""), "text": ok_text})
+    _post(http, files={"audio": ("a.wav", b"\0" * (3 << 20)), "text": ok_text})  # over 2 MiB
+    _post(http, files={"audio": ("a.wav", wav), "text": (None, b"w" * (80 << 10))})  # text field over 64 KiB
+    _post(http, content=iter([b"x" * (1 << 20)] * 3), headers={"content-type": "multipart/form-data; boundary=b"})
+
+
+def test_bad_manifest_rows_are_refused_by_the_cli(rt, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from dmf.runtime.cli import register
+
+    (tmp_path / "dir.wav").mkdir()
+    rows = [{"audio": "missing.wav", "text": "x"}, {"audio": str(tmp_path / "dir.wav"), "text": "x"},
+            {"audio": "", "text": "x"}, {"text": "x"}, {"audio": str(rt.clips["good0.wav"])},
+            {"audio": str(rt.clips["good0.wav"]), "text": ""}, {"audio": str(rt.clips["good0.wav"]), "text": 5},
+            {"audio": str(rt.clips["good0.wav"]), "text": "x", "id": [1]}, ["not", "an", "object"]]
+    lines = [json.dumps(r) for r in rows] + ["{not json", "[" * 5000 + "]" * 5000]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    register(app)
+    result = CliRunner().invoke(app, ["predict", str(rt.artifact), "--manifest", str(manifest), "--out",
+                                      str(tmp_path / "o.csv")])
+    listed = [line for line in result.output.splitlines() if line.startswith("line ")]
+    for n in range(1, len(lines) + 1):
+        _count("dmf predict --manifest", any(line.startswith(f"line {n}: ") for line in listed))
+    assert result.exit_code == 2 and len(listed) == len(lines), result.output
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_print_tally():
+    """The table the README quotes (run with -s to see it)."""
+    if not TALLY:
+        pytest.skip("the tally comes from the other probes in this file")
+    print("\n| interface | bad inputs tried | refused | crashes | hangs |\n|---|---|---|---|---|")
+    for name, row in TALLY.items():
+        print(f"| {name} | {row['tried']} | {row['refused']} | {row['crashes']} | {row['hangs']} |")
+    assert TALLY and all(row["crashes"] == row["hangs"] == 0 for row in TALLY.values())
