@@ -4,7 +4,7 @@
     predictor = Predictor.load("artifacts/demo-memory")          # engine from dmf.json
     predictor.predict("clip.wav", "I can't believe it!")        # -> Prediction(label, probabilities)
 
-Never imports torch or transformers (edge installs); onnxruntime, tensorrt, fastapi and uvicorn
+Never imports torch or transformers (edge installs); onnxruntime, tensorrt, starlette and uvicorn
 are imported inside the functions that need them.
 """
 
