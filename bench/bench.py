@@ -1,8 +1,10 @@
-"""`dmf bench`: latency and throughput per engine, fusion and batch size, measured in one run,
-against torch eager (same run) and against the paper's 91 ms (memory) / 63 ms (naive) per sample.
+"""`dmf bench`: latency and throughput per engine, fusion and batch size, all engines timed in
+interleaved rounds in one run (bench/measure.py), against the baselines users would otherwise run
+(torch eager fp32, and torch with bf16 autocast) and against the paper's 91 / 63 ms per sample.
 
 The library returns a dict; `bench/render.py` and the CLI turn it into a table, bench.json,
-bench.md and a plot.
+bench.md and a plot. Every engine goes through the one engine interface (`infer(batch)`):
+torch through `dmf.torch_engine.TorchEngine`, the artifacts through `dmf.runtime.engines`.
 """
 
 from __future__ import annotations
@@ -16,10 +18,18 @@ from typing import Callable
 
 import numpy as np
 
-from dmf.bench.measure import TimingOptions, flops_per_sample, latency_stats, matmul_peak_gflops, time_calls
+from dmf.bench.measure import TimingOptions, flops_per_sample, latency_stats, matmul_peak_gflops, paired_ratio
+from dmf.bench.measure import time_rounds
 
-ENGINES = ("torch", "onnx", "onnx-int8", "trt")
+# bench engine -> (artifact engine, precision) it runs; torch engines run the checkpoint.
+ARTIFACT_ENGINES = {"onnx": ("onnx", "fp32"), "onnx-int8": ("onnx", "int8"), "openvino": ("openvino", "fp32"),
+                    "openvino-bf16": ("openvino", "bf16"), "openvino-int8": ("openvino", "int8"),
+                    "trt": ("trt", "fp16")}
+TORCH_ENGINES = {"torch": "fp32", "torch-bf16": "bf16"}
+ENGINES = (*TORCH_ENGINES, *ARTIFACT_ENGINES)
+BASELINES = ("torch", "torch-bf16")  # what users would otherwise run: every speedup is against these
 PAPER_MS_PER_SAMPLE = {"memory": 91.0, "naive": 63.0}  # paper §3.2, NVIDIA M40/T4 GPUs
+DEFAULT_ENGINES = ("torch", "torch-bf16", "onnx", "onnx-int8", "openvino-bf16", "openvino-int8", "trt")
 
 
 class BenchError(RuntimeError):
@@ -28,117 +38,266 @@ class BenchError(RuntimeError):
 
 @dataclass(frozen=True)
 class BenchOptions:
-    engines: tuple[str, ...] = ("torch", "onnx", "onnx-int8", "trt")  # engines to time; unavailable ones are skipped
-    batch_sizes: tuple[int, ...] = (1, 8, 32)  # batch sizes to time
+    engines: tuple[str, ...] = DEFAULT_ENGINES  # engines to time; unavailable ones are skipped with the reason
+    batch_sizes: tuple[int, ...] = (1, 8)  # batch sizes to time
     fusions: tuple[str, ...] = ("memory", "naive")  # fusions to build with --preset
-    threads: int = 2  # intra-op threads for torch and onnxruntime (this machine has 2 cores)
-    timing: TimingOptions = field(default_factory=TimingOptions)  # warm-up and run counts
-    measure_peak: bool = True  # time a GEMM to report each engine's fraction of the machine's peak
-    seed: int = 0  # seed of the synthetic inputs
+    threads: int = 2  # intra-op threads for every engine (this machine has 2 cores)
+    timing: TimingOptions = field(default_factory=TimingOptions)  # warm-up and round counts
+    measure_peak: bool = True  # time a GEMM to report each fp32 engine's fraction of the machine's peak
+    head: bool = True  # also time the fusion head alone (everything after the encoders), memory vs naive
+    seed: int = 0  # seed of the synthetic inputs and of the bootstrap
 
     def __post_init__(self) -> None:
-        unknown = set(self.engines) - set(ENGINES)
+        unknown = sorted(set(self.engines) - set(ENGINES))
         if unknown:
-            raise BenchError(f"unknown engine(s) {sorted(unknown)}: expected some of {ENGINES}")
+            raise BenchError(f"unknown engine(s) {unknown}: expected some of {', '.join(ENGINES)}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise BenchError(f"batch sizes must be integers >= 1, got {self.batch_sizes}")
+        if self.threads < 1:
+            raise BenchError(f"threads must be >= 1, got {self.threads}")
 
 
 @dataclass
 class Case:
-    """One model to benchmark: a checkpoint (for torch) and its exported artifacts per engine."""
+    """One model to benchmark: a checkpoint (for torch) and its exported artifacts per bench engine."""
 
     fusion: str
     checkpoint: Path | None
-    artifacts: dict[str, Path] = field(default_factory=dict)  # engine -> artifact dir
-    unavailable: dict[str, str] = field(default_factory=dict)  # engine -> why it could not be built
+    artifacts: dict[str, Path] = field(default_factory=dict)  # bench engine -> artifact dir
+    unavailable: dict[str, str] = field(default_factory=dict)  # bench engine -> why it could not be built
+    paper_shaped: bool = False  # the paper's dimensions: the xpaper comparison means something
 
 
-def synthetic_inputs(model_config: dict, batch: int, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
+def synthetic_inputs(input_samples: int, max_tokens: int, batch: int, vocab_size: int, seed: int
+                     ) -> dict[str, np.ndarray]:
     """Inputs shaped by the artifact contract: normalised audio, token ids, attention mask."""
+    from dmf.contract import AUDIO_INPUT, IDS_INPUT, MASK_INPUT
+
     rng = np.random.default_rng(seed)
-    audio = rng.standard_normal((batch, model_config["max_audio_samples"])).astype(np.float32)
-    tokens = model_config["max_tokens"]
-    ids = rng.integers(5, max(vocab_size, 6), (batch, tokens)).astype(np.int64)
-    mask = np.ones((batch, tokens), dtype=np.int64)
-    mask[:, tokens * 2 // 3:] = 0  # a realistic transcript leaves padding
+    audio = rng.standard_normal((batch, input_samples)).astype(np.float32)
+    ids = rng.integers(5, max(vocab_size, 6), (batch, max_tokens)).astype(np.int64)
+    mask = np.ones((batch, max_tokens), dtype=np.int64)
+    mask[:, max_tokens * 2 // 3:] = 0  # a realistic transcript leaves padding
     ids[mask == 0] = 0
-    return {"audio": audio, "input_ids": ids, "attention_mask": mask}
+    return {AUDIO_INPUT: audio, IDS_INPUT: ids, MASK_INPUT: mask}
 
 
+# ------------------------------------------------------------------------------------- engines
+def open_engines(case: Case, engines: tuple[str, ...], threads: int, skipped: list[dict]) -> dict:
+    """bench engine -> an open engine (infer(batch)); what cannot open goes to `skipped` with why."""
+    from dmf.cpuinfo import cpu_info
+
+    opened, torch_model = {}, None
+    for name in engines:
+        try:
+            if name in TORCH_ENGINES:
+                if TORCH_ENGINES[name] == "bf16" and not cpu_info().bf16:
+                    raise BenchError("this CPU has no native bf16 (avx512_bf16 / amx_bf16): torch emulates "
+                                     "it, slower than fp32, so it is not a baseline a user would pick")
+                torch_model = torch_model or _torch_model(case)
+                opened[name] = _torch_engine(torch_model, TORCH_ENGINES[name], threads)
+            else:
+                opened[name] = _artifact_engine(case, name, threads)
+        except BenchError as exc:
+            skipped.append({"engine": name, "fusion": case.fusion, "reason": str(exc)})
+    return opened
+
+
+def _torch_model(case: Case):
+    if case.checkpoint is None:
+        raise BenchError("no source checkpoint next to the artifact (torch needs the checkpoint)")
+    from dmf.model import DMFModel
+
+    return DMFModel.from_pretrained(case.checkpoint).eval()
+
+
+def _torch_engine(model, precision: str, threads: int):
+    from dmf.torch_engine import TorchEngine
+
+    return TorchEngine(model, precision=precision, threads=threads)
+
+
+def _artifact_engine(case: Case, name: str, threads: int):
+    from dmf.runtime.artifact import ArtifactError, load_artifact
+    from dmf.runtime.engines import EngineError, create_engine
+
+    if name in case.unavailable:
+        raise BenchError(case.unavailable[name])
+    if name not in case.artifacts:
+        raise BenchError(f"no {name} artifact given")
+    try:
+        artifact = load_artifact(case.artifacts[name])
+        return create_engine(artifact, ARTIFACT_ENGINES[name][0], threads=threads)
+    except (ArtifactError, EngineError) as exc:
+        raise BenchError(str(exc)) from None
+
+
+# --------------------------------------------------------------------------------------- timing
 def run_bench(cases: list[Case], options: BenchOptions = BenchOptions(),
               progress: Callable[[str], None] | None = None) -> dict:
-    """Time every (case, engine, batch size); returns {"machine", "rows", "skipped", "flops", ...}."""
-    from dmf.bench.backends import TorchBackend, open_backend
-
+    """Time every (engine, fusion) per batch size in interleaved rounds. Returns {"machine", "rows",
+    "ratios", "skipped", "head", "flops_per_sample", ...}: see docs in README ("dmf bench")."""
     say = progress or (lambda _msg: None)
-    rows, skipped, flops = [], [], {}
-    for case in cases:
-        # one checkpoint load per case serves both the FLOP count and the torch engine
-        torch_backend = TorchBackend(case.checkpoint, options.threads) if case.checkpoint else None
-        flops[case.fusion] = _flops(torch_backend) if torch_backend else None
-        for engine in options.engines:
-            try:
-                backend = torch_backend if engine == "torch" and torch_backend else \
-                    open_backend(engine, case, options.threads)
-            except BenchError as exc:
-                skipped.append({"engine": engine, "fusion": case.fusion, "reason": str(exc)})
-                say(f"skip {engine}/{case.fusion}: {exc}")
-                continue
-            for batch in options.batch_sizes:
-                say(f"timing {engine} {case.fusion} batch {batch}")
-                inputs = synthetic_inputs(backend.model_config, batch, backend.vocab_size, options.seed)
-                seconds = time_calls(lambda: backend.infer(inputs), options.timing)
-                rows.append({"engine": engine, "fusion": case.fusion, "batch_size": batch,
-                             **latency_stats(seconds, batch)})
+    skipped: list[dict] = []
+    engines = {(name, case.fusion): engine for case in cases
+               for name, engine in open_engines(case, options.engines, options.threads, skipped).items()}
+    shapes = {case.fusion: _input_shapes(case) for case in cases}
+    rows, ratios = [], []
+    for batch in options.batch_sizes:
+        say(f"timing {len(engines)} engine(s) at batch {batch} in interleaved rounds")
+        inputs = {f: synthetic_inputs(*shape, batch, options.seed) for f, shape in shapes.items()}
+        calls = {key: (lambda e=engine, x=inputs[key[1]]: e.infer(x)) for key, engine in engines.items()}
+        times = time_rounds(calls, options.timing) if calls else {}
+        rows += [{"engine": n, "fusion": f, "batch_size": batch, **latency_stats(t, batch)}
+                 for (n, f), t in times.items()]
+        ratios += compute_ratios(times, batch, options.seed)
+    for engine in engines.values():
+        engine.close()
+    flops = {case.fusion: _flops(case) for case in cases} if options.measure_peak else {}
     peak = matmul_peak_gflops(threads=options.threads) if options.measure_peak else None
-    _add_relative_columns(rows, flops, peak)
+    paper = any(case.paper_shaped for case in cases)
+    _add_relative_columns(rows, flops, peak, paper)
+    head = head_latency(cases, options, say) if options.head else None
     return {"machine": machine_info(options.threads), "matmul_peak_gflops": peak, "flops_per_sample": flops,
-            "paper_ms_per_sample": PAPER_MS_PER_SAMPLE, "rows": rows, "skipped": skipped,
-            "options": {**asdict(options), "timing": asdict(options.timing)}}
+            "paper_ms_per_sample": PAPER_MS_PER_SAMPLE if paper else None, "rows": rows, "ratios": ratios,
+            "head": head, "skipped": skipped, "options": {**asdict(options), "timing": asdict(options.timing)}}
 
 
-def _flops(backend) -> float:
-    inputs = synthetic_inputs(backend.model_config, 1, backend.vocab_size, 0)
-    return flops_per_sample(backend.model, backend.tensors(inputs))
+def _input_shapes(case: Case) -> tuple[int, int, int]:
+    """(input_samples, max_tokens, vocab size) of the case, from its config or an artifact."""
+    import json
+
+    if case.checkpoint is not None:
+        cfg = json.loads((case.checkpoint / "config.json").read_text())["model"]
+        vocab = (cfg.get("text_encoder_config") or {}).get("vocab_size", 100)
+        return cfg["max_audio_samples"], cfg["max_tokens"], int(vocab)
+    from dmf.runtime.artifact import load_artifact
+
+    art = load_artifact(next(iter(case.artifacts.values())), verify=False)
+    vocab = (art.meta.get("model_config", {}).get("text_encoder_config") or {}).get("vocab_size", 100)
+    return art.input_samples, art.max_tokens, int(vocab)
 
 
-def _add_relative_columns(rows: list[dict], flops: dict, peak: float | None) -> None:
-    """speedup against torch eager (same fusion and batch size, same run), against the paper's
-    per-sample latency, and the fraction of the measured GEMM peak each engine reaches."""
-    torch_p50 = {(r["fusion"], r["batch_size"]): r["p50_ms_per_sample"] for r in rows if r["engine"] == "torch"}
+def compute_ratios(times: dict[tuple[str, str], np.ndarray], batch: int, seed: int = 0) -> list[dict]:
+    """Paired per-round ratios (bench/measure.py) of what matters: each engine's speedup over each
+    baseline, the best non-baseline engine's speedup over each baseline, and memory fusion's
+    cost over naive fusion per engine (memory / naive time; 1.03 = +3 %)."""
+    out = []
+    for fusion in sorted({f for _, f in times}):
+        mine = {n: t for (n, f), t in times.items() if f == fusion}
+        candidates = {n: t for n, t in mine.items() if n not in BASELINES}
+        best = min(candidates, key=lambda n: np.median(candidates[n])) if candidates else None
+        for base in BASELINES:
+            if base not in mine:
+                continue
+            for name, t in candidates.items():
+                out.append({"kind": "speedup", "engine": name, "baseline": base, "fusion": fusion,
+                            "batch_size": batch, "best": name == best, **paired_ratio(mine[base], t, seed=seed)})
+    for name in sorted({n for n, _ in times}):
+        if (name, "memory") in times and (name, "naive") in times:
+            out.append({"kind": "memory_vs_naive", "engine": name, "batch_size": batch,
+                        **paired_ratio(times[(name, "memory")], times[(name, "naive")], seed=seed)})
+    return out
+
+
+def _flops(case: Case) -> float | None:
+    if case.checkpoint is None:
+        return None
+    model = _torch_model(case)
+    shapes = _input_shapes(case)
+    engine = _torch_engine(model, "fp32", None)
+    return flops_per_sample(model, engine.tensors(synthetic_inputs(*shapes, 1, 0)))
+
+
+def _add_relative_columns(rows: list[dict], flops: dict, peak: float | None, paper: bool) -> None:
+    """Speedup over each baseline from the medians (the paired ratios are in "ratios"), over the
+    paper's per-sample latency (paper-shaped models only), and the share of the GEMM peak."""
+    p50 = {(r["engine"], r["fusion"], r["batch_size"]): r["p50_ms_per_sample"] for r in rows}
     for row in rows:
-        ref = torch_p50.get((row["fusion"], row["batch_size"]))
-        row["speedup_vs_torch"] = ref / row["p50_ms_per_sample"] if ref else None
-        paper = PAPER_MS_PER_SAMPLE.get(row["fusion"])
-        row["paper_ms_per_sample"] = paper
-        row["speedup_vs_paper"] = paper / row["p50_ms_per_sample"] if paper else None
+        for base in BASELINES:
+            ref = p50.get((base, row["fusion"], row["batch_size"]))
+            row[f"speedup_vs_{base.replace('-', '_')}"] = ref / row["p50_ms_per_sample"] if ref else None
+        ms = PAPER_MS_PER_SAMPLE.get(row["fusion"]) if paper else None
+        row["paper_ms_per_sample"] = ms
+        row["speedup_vs_paper"] = ms / row["p50_ms_per_sample"] if ms else None
         f = flops.get(row["fusion"])
         row["gflops_per_s"] = f * row["throughput_per_s"] / 1e9 if f else None
-        # the peak is an fp32 GEMM's: int8 MatMuls are not fp32 FLOPs, so no fraction for them
-        fp32 = not row["engine"].endswith("int8")
+        # the peak is an fp32 GEMM's: bf16 / int8 work is not fp32 FLOPs, so no fraction for them
+        fp32 = row["engine"] in ("torch", "onnx", "openvino", "trt")
         row["peak_fraction"] = row["gflops_per_s"] / peak if (peak and row["gflops_per_s"] and fp32) else None
 
 
 def machine_info(threads: int) -> dict:
-    import os
+    from dmf.cpuinfo import cpu_info
 
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_info()
+    return {**cpu.summary(), "cpu_line": cpu.line(), "threads": threads, "python": platform.python_version(),
+            "platform": platform.platform(), "versions": _versions()}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "onnxruntime", "openvino", "tensorrt"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+# ------------------------------------------------------------------------------- fusion head
+def head_latency(cases: list[Case], options: BenchOptions, say: Callable[[str], None]) -> dict | None:
+    """The exported fusion head alone (everything after the two encoders: readers over the frozen
+    memory, DFT-matrix CBP, attention, BatchNorm, classifier) through the onnx engine, memory and
+    naive in interleaved rounds: ms per sample at each batch size, and memory's paired excess."""
+    with_ck = {c.fusion: c for c in cases if c.checkpoint is not None and c.fusion in ("memory", "naive")}
+    if not with_ck:
+        return None
+    work = Path(tempfile.mkdtemp(prefix="dmf-head-"))
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-            "platform": platform.platform()}
+        engines = {f: _head_engine(c, work, options.threads) for f, c in with_ck.items()}
+        out = {}
+        for batch in options.batch_sizes:
+            say(f"timing the fusion head alone at batch {batch}")
+            calls = {f: (lambda e=e, x=_head_inputs(e, batch): e.infer(x)) for f, e in engines.items()}
+            times = time_rounds(calls, TimingOptions(warmup=10, min_runs=200, min_seconds=1.0, max_runs=2000))
+            out[str(batch)] = {f: latency_stats(t, batch)["p50_ms_per_sample"] for f, t in times.items()}
+            if len(times) == 2:
+                out[str(batch)]["memory_minus_naive_ms"] = float(np.median(times["memory"] - times["naive"]) * 1000
+                                                                 / batch)
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _head_engine(case: Case, work: Path, threads: int):
+    from dmf.export.onnx_export import export_head
+    from dmf.runtime.artifact import ModelFile, TensorSpec
+    from dmf.runtime.engines import open_engine
+
+    model = _torch_model(case)
+    cfg = model.model_config
+    path = export_head(model, work / f"head-{case.fusion}.onnx")
+    dim = ("batch", cfg.embed_dim)
+    inputs = tuple(TensorSpec(n, "float32", dim) for n in ("x_a", "x_t"))
+    outputs = (TensorSpec("log_probs", "float32", ("batch", cfg.num_labels)),)
+    return open_engine("onnx", ModelFile(path, inputs, outputs), threads=threads)
+
+
+def _head_inputs(engine, batch: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(batch)
+    return {n: rng.standard_normal((batch, engine.session.get_inputs()[0].shape[1]), dtype=np.float32)
+            for n in ("x_a", "x_t")}
 
 
 # ------------------------------------------------------------------------ cases from a preset
 def preset_cases(preset_name: str, fusions: tuple[str, ...], engines: tuple[str, ...], work_dir: Path,
                  progress: Callable[[str], None] | None = None) -> list[Case]:
     """Random-weight checkpoints at the preset's shapes (no download) and their exports."""
+    import torch
+
     from dmf.config import preset
     from dmf.model import DMFModel
 
@@ -150,33 +309,43 @@ def preset_cases(preset_name: str, fusions: tuple[str, ...], engines: tuple[str,
             cfg = cfg.replace("model", audio_encoder=None, text_encoder=None,
                               audio_encoder_config={}, text_encoder_config={})
         say(f"building {preset_name} {fusion} model (random weights)")
+        torch.manual_seed(0)  # same encoder weights for every fusion
         checkpoint = DMFModel(cfg, pretrained=False).eval().save_pretrained(work_dir / f"{fusion}-checkpoint")
-        case = Case(fusion=fusion, checkpoint=checkpoint)
+        case = Case(fusion=fusion, checkpoint=checkpoint, paper_shaped=preset_name == "paper")
         export_for_engines(case, engines, work_dir / fusion, say)
         cases.append(case)
     return cases
 
 
 def export_for_engines(case: Case, engines: tuple[str, ...], out_root: Path, say: Callable[[str], None]) -> None:
-    """Export the case's checkpoint once per exported engine; an engine that cannot be built here
-    (TensorRT without a GPU) is recorded with the reason, and reported as skipped."""
+    """Export the case's checkpoint once per artifact engine; one that cannot be built here
+    (TensorRT without a GPU) is recorded with the reason and reported as skipped. Static int8
+    calibrates on seeded synthetic clips: random weights have no corpus, and the speed is the same."""
     from dmf.export import ExportError, export_checkpoint
 
-    plans = {"onnx": ("onnx", "fp32"), "onnx-int8": ("onnx", "int8"), "trt": ("trt", "fp16")}
-    for engine in engines:
-        if engine not in plans:
+    for name in engines:
+        if name not in ARTIFACT_ENGINES:
             continue
-        kind, precision = plans[engine]
-        say(f"exporting {case.fusion} -> {engine}")
+        kind, precision = ARTIFACT_ENGINES[name]
+        calibration = _synthetic_calibration(case) if (kind, precision) == ("openvino", "int8") else None
+        say(f"exporting {case.fusion} -> {name}")
         try:
-            case.artifacts[engine] = export_checkpoint(case.checkpoint, out_root / engine, engine=kind,
-                                                       precision=precision, force=True)
+            case.artifacts[name] = export_checkpoint(case.checkpoint, out_root / name, engine=kind,
+                                                     precision=precision, calibration=calibration, force=True)
         except ExportError as exc:
-            case.unavailable[engine] = str(exc)
+            case.unavailable[name] = str(exc)
+
+
+def _synthetic_calibration(case: Case, samples: int = 16) -> dict:
+    from dmf.export.verify import verify_inputs
+    from dmf.model import DMFModel
+
+    model = DMFModel.from_pretrained(case.checkpoint)
+    return {"calibration": verify_inputs(model.model_config, model.tokenizer, samples, seed=7)}
 
 
 def artifact_cases(paths: list[Path]) -> list[Case]:
-    """Cases from existing artifact dirs; the torch engine uses the source checkpoint when present."""
+    """Cases from existing artifact dirs; torch engines use the source checkpoint when present."""
     from dmf.runtime.artifact import load_artifact
 
     cases: dict[tuple[str, str], Case] = {}
@@ -184,11 +353,31 @@ def artifact_cases(paths: list[Path]) -> list[Case]:
         art = load_artifact(path)
         meta = art.meta
         src = Path(meta.get("source_checkpoint", {}).get("path", ""))
-        key = (meta["fusion"], str(src))
-        case = cases.setdefault(key, Case(fusion=meta["fusion"], checkpoint=src if src.is_dir() else None))
-        engine = "trt" if meta["engine"] == "trt" else ("onnx-int8" if meta["precision"] == "int8" else "onnx")
-        case.artifacts[engine] = Path(path)
+        case = cases.setdefault((meta["fusion"], str(src)), Case(
+            fusion=meta["fusion"], checkpoint=src if src.is_dir() else None,
+            paper_shaped=is_paper_shaped(meta.get("model_config", {}))))
+        case.artifacts[bench_engine_name(art.engine, art.precision)] = Path(path)
     return list(cases.values())
+
+
+def bench_engine_name(engine: str, precision: str) -> str:
+    """The bench engine that runs an artifact of this engine and precision."""
+    for name, spec in ARTIFACT_ENGINES.items():
+        if spec == (engine, precision):
+            return name
+    return engine if precision == "fp32" else f"{engine}-{precision}"
+
+
+def is_paper_shaped(model_config: dict) -> bool:
+    """The paper's dimensions (768-d embeddings, 120 slots, CBP 1024, 5 s audio, 30 tokens, base-size
+    12-layer encoders): only then is "x the paper's 91 ms" a statement about the paper's model."""
+    from dmf.config import ModelConfig
+
+    ref = ModelConfig()
+    same = all(model_config.get(k) == getattr(ref, k) for k in
+               ("embed_dim", "memory_slots", "cbp_dim", "max_audio_samples", "max_tokens"))
+    encoders = [model_config.get(k) or {} for k in ("audio_encoder_config", "text_encoder_config")]
+    return same and all(e.get("hidden_size", 768) == 768 and e.get("num_hidden_layers", 12) == 12 for e in encoders)
 
 
 def temporary_work_dir() -> Path:

@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from dmf.bench.bench import DEFAULT_ENGINES, ENGINES
+
 
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg="red", err=True)
@@ -24,14 +26,15 @@ def _csv(value: str, cast=str) -> tuple:
 def bench(
     artifacts: Optional[List[Path]] = typer.Argument(None, help="Exported artifact dirs to time."),
     preset: Optional[str] = typer.Option(None, help="Build random-weight models at a preset's shapes: paper | tiny."),
-    engines: str = typer.Option("torch,onnx,onnx-int8,trt", help="Engines, comma-separated."),
-    batch_sizes: str = typer.Option("1,8,32", help="Batch sizes, comma-separated."),
+    engines: str = typer.Option(",".join(DEFAULT_ENGINES), help="Engines, comma-separated: " + ", ".join(ENGINES) + "."),
+    batch_sizes: str = typer.Option("1,8", help="Batch sizes, comma-separated."),
     fusion: str = typer.Option("memory,naive", help="Fusions to build with --preset."),
     out: Optional[Path] = typer.Option(None, help="Write bench.json, bench.md and bench.png here."),
-    threads: int = typer.Option(2, help="Intra-op threads for torch and onnxruntime."),
-    warmup: int = typer.Option(3, help="Untimed warm-up calls per row."),
-    min_runs: int = typer.Option(10, help="Minimum timed calls per row."),
-    min_seconds: float = typer.Option(2.0, help="Keep timing a row at least this long."),
+    threads: int = typer.Option(2, help="Intra-op threads for every engine."),
+    warmup: int = typer.Option(2, help="Untimed warm-up calls per engine."),
+    min_runs: int = typer.Option(10, help="Minimum timed rounds (each round times every engine once)."),
+    min_seconds: float = typer.Option(2.0, help="Keep adding rounds until this much time has passed."),
+    head: bool = typer.Option(True, "--head/--no-head", help="Also time the fusion head alone (memory vs naive)."),
 ) -> None:
     """Latency and throughput per engine, fusion and batch size, against torch eager (same run) and
     against the paper's 91 ms (memory) / 63 ms (naive) per sample."""
@@ -48,7 +51,7 @@ def bench(
         _fail("give artifact dirs or --preset paper|tiny (one of the two)")
     try:
         options = BenchOptions(engines=_csv(engines), batch_sizes=_csv(batch_sizes, int), fusions=_csv(fusion),
-                               threads=threads,
+                               threads=threads, head=head,
                                timing=TimingOptions(warmup=warmup, min_runs=min_runs, min_seconds=min_seconds))
         work = temporary_work_dir() if preset else None
         try:

@@ -1,5 +1,13 @@
-"""Timing primitives shared by the benchmarks: warm-up, enough runs for a stable median,
-percentiles, a measured matrix-multiply peak, and the model's FLOPs per sample."""
+"""The one timing harness of `dmf bench`: warm-up, interleaved rounds, percentiles, paired ratios
+with bootstrap intervals, a measured matrix-multiply peak, and the model's FLOPs per sample.
+
+Why rounds: on a shared machine the speed drifts over seconds (other jobs, frequency, caches).
+Timing engine A for a minute and then engine B lets that drift decide their ratio. Each round
+here times every engine once, in an order rotated round by round, so drift hits all of them
+alike; a ratio is then the median over rounds of the per-round ratio (paired), and its 95 %
+interval comes from resampling rounds. A round slowed by a burst of other work slows both sides
+of its pair and barely moves the median.
+"""
 
 from __future__ import annotations
 
@@ -12,36 +20,61 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TimingOptions:
-    warmup: int = 3  # untimed calls first (allocator, kernel selection, caches)
-    min_runs: int = 10  # at least this many timed calls
-    min_seconds: float = 2.0  # ...and keep timing until this much wall time has passed
-    max_runs: int = 200  # but never more than this many
+    warmup: int = 2  # untimed calls per engine before the first round (allocator, kernel choice, caches)
+    min_runs: int = 10  # at least this many rounds (each round times every engine once)
+    min_seconds: float = 2.0  # ...and keep adding rounds until this much wall time has passed
+    max_runs: int = 200  # but never more than this many rounds
+
+
+def time_rounds(fns: dict[str, Callable[[], object]], options: TimingOptions = TimingOptions()
+                ) -> dict[str, np.ndarray]:
+    """Seconds per call of every fn, one call each per round; round r starts at key r mod n."""
+    keys = list(fns)
+    for key in keys:
+        for _ in range(options.warmup):
+            fns[key]()
+    times: dict[str, list[float]] = {key: [] for key in keys}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < options.max_runs and (rounds < options.min_runs or time.perf_counter() - start < options.min_seconds):
+        shift = rounds % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            t0 = time.perf_counter()
+            fns[key]()
+            times[key].append(time.perf_counter() - t0)
+        rounds += 1
+    return {key: np.asarray(v) for key, v in times.items()}
 
 
 def time_calls(fn: Callable[[], object], options: TimingOptions = TimingOptions()) -> np.ndarray:
-    """Seconds per call, for `fn` run after warm-up until both run and time minimums are met."""
-    for _ in range(options.warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < options.max_runs and (
-            len(times) < options.min_runs or time.perf_counter() - start < options.min_seconds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return np.asarray(times)
+    """Seconds per call of one fn (rounds of one)."""
+    return time_rounds({"fn": fn}, options)["fn"]
 
 
 def latency_stats(seconds: np.ndarray, batch_size: int) -> dict:
-    """p50/p95/p99 per batch and per sample (ms), and throughput (samples/s at the median)."""
-    p50, p95, p99 = np.percentile(seconds, [50, 95, 99]) * 1000.0
+    """p5/p50/p95/p99 per batch and per sample (ms), and throughput (samples/s at the median)."""
+    p5, p50, p95, p99 = np.percentile(seconds, [5, 50, 95, 99]) * 1000.0
     return {
         "runs": int(len(seconds)),
         "p50_ms_per_batch": float(p50), "p95_ms_per_batch": float(p95), "p99_ms_per_batch": float(p99),
-        "p50_ms_per_sample": float(p50 / batch_size), "p95_ms_per_sample": float(p95 / batch_size),
-        "p99_ms_per_sample": float(p99 / batch_size),
+        "p5_ms_per_sample": float(p5 / batch_size), "p50_ms_per_sample": float(p50 / batch_size),
+        "p95_ms_per_sample": float(p95 / batch_size), "p99_ms_per_sample": float(p99 / batch_size),
         "throughput_per_s": float(batch_size / (p50 / 1000.0)),
     }
+
+
+def paired_ratio(numerator: np.ndarray, denominator: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> dict:
+    """Median over rounds of numerator[i] / denominator[i], with a 95 % percentile-bootstrap
+    interval of that median (rounds resampled with replacement, seeded: reproducible)."""
+    num, den = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    if num.shape != den.shape or num.size == 0:
+        raise ValueError(f"paired ratio needs two equal, non-empty series (got {num.shape} and {den.shape})")
+    per_round = num / den
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, per_round.size, size=(resamples, per_round.size))
+    medians = np.median(per_round[picks], axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return {"median": float(np.median(per_round)), "ci95": [float(low), float(high)], "rounds": int(per_round.size)}
 
 
 def matmul_peak_gflops(size: int = 2048, threads: int | None = None, options: TimingOptions | None = None) -> float:

@@ -22,7 +22,8 @@ SUPPORTED_SCHEMA_VERSIONS = (1,)
 META_FILE = "dmf.json"
 PARITY_FILE = "parity.json"
 TOKENIZER_FILE = "tokenizer.json"
-MODEL_FILES = {"onnx": "model.onnx", "trt": "model.plan"}  # dmf.json "engine" -> model file
+MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "trt": "model.plan"}  # dmf.json "engine" -> model file
+OPENVINO_WEIGHTS_FILE = "model.bin"  # an OpenVINO IR's weights, beside model.xml
 WEIGHTS_FILE = "model.safetensors"  # the checkpoint's weights (source_checkpoint sha256)
 
 # Tensor names and dtypes of the exported graph (batch dim first, symbolic "batch").
@@ -37,6 +38,10 @@ BATCH_DIM = "batch"
 
 # The paper's four IEMOCAP classes, in the classifier's output order (neutral, happy+excited, sad, angry).
 LABELS = ("neu", "hap", "sad", "ang")
+
+# dmf.json "normalisation" "over": clip statistics over the whole zero-padded input, or over the
+# samples before the padding (a feature extractor with return_attention_mask), the padding kept at 0.
+NORMALIZE_OVER = ("all", "real_samples")
 
 # Runtime limits on a request's audio (seconds before cropping to the model's input window).
 MIN_CLIP_SECONDS = 0.1

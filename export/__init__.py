@@ -10,10 +10,12 @@ class ExportError(RuntimeError):
     """An export could not be made or failed verification; the message is one line."""
 
 
-ENGINES = ("onnx", "trt")
-PRECISIONS = ("fp32", "fp16", "int8")
+ENGINES = ("onnx", "openvino", "trt")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# onnx int8: dynamic (MatMul); openvino int8: static, calibrated (NNCF), Conv included; bf16: run-time precision
+ENGINE_PRECISIONS = {"onnx": ("fp32", "fp16", "int8"), "openvino": ("fp32", "bf16", "int8"), "trt": ("fp32", "fp16")}
 
-__all__ = ["ENGINES", "PRECISIONS", "ExportError", "ExportOptions", "export_checkpoint"]
+__all__ = ["ENGINES", "ENGINE_PRECISIONS", "PRECISIONS", "ExportError", "ExportOptions", "export_checkpoint"]
 
 
 def __getattr__(name: str):

@@ -35,7 +35,8 @@ def manifest(*, model_config, engine: str, precision: str, max_batch: int, check
         "sample_rate": model_config.sample_rate,
         "input_samples": model_config.max_audio_samples,
         "max_tokens": model_config.max_tokens,
-        "normalisation": {"do_normalize": bool(model_config.do_normalize), "eps": NORM_EPS},
+        "normalisation": {"do_normalize": bool(model_config.do_normalize), "eps": NORM_EPS,
+                          "over": model_config.normalize_over or "all"},  # what dmf.preprocess computed in training
         "inputs": inputs,
         "outputs": outputs,
         "max_batch": max_batch,
@@ -55,5 +56,5 @@ def _tensorrt_target(parity: dict) -> dict:
 # Keys of parity.json repeated under "parity" in dmf.json.
 PARITY_SUMMARY_KEYS = ("reference", "checked_with", "samples", "max_abs_diff", "argmax_agreement",
                        "tolerance", "fp32_max_abs_diff", "fp32_argmax_agreement", "int8_agreement",
-                       "int8_agreement_samples", "int8_verify_agreement")
+                       "int8_agreement_samples", "int8_verify_agreement", "accuracy_gate")
 

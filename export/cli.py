@@ -19,6 +19,8 @@ STEP_LABELS = {
     "optimise": "optimising (ONNX Runtime, basic, offline)",
     "verify": "verifying against torch (ONNX Runtime CPU)",
     "quantise": "quantising (dynamic int8, MatMul)",
+    "calibration": "preprocessing calibration and held-out clips",
+    "openvino": "converting to OpenVINO (int8: NNCF calibration) and checking accuracy",
     "fp16": "converting to fp16",
     "trt": "building TensorRT engine",
     "write": "writing artifact",
@@ -30,8 +32,10 @@ def register(app: typer.Typer) -> None:
     def export_command(
         checkpoint: Path = typer.Argument(..., help="Checkpoint folder written by `dmf train`."),
         out: Path = typer.Option(..., "--out", help="Artifact folder to create."),
-        engine: str = typer.Option("onnx", "--engine", help="onnx | trt (TensorRT, needs a CUDA GPU)."),
-        precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (int8: onnx only)."),
+        engine: str = typer.Option("onnx", "--engine", help="onnx | openvino (CPU) | trt (TensorRT, needs a CUDA GPU)."),
+        precision: str = typer.Option(
+            "fp32", "--precision", help="fp32 | fp16 (onnx, trt) | bf16 (openvino) | int8 (onnx: dynamic; "
+            "openvino: static, needs --calibration)."),
         max_batch: int = typer.Option(32, "--max-batch", help="Largest batch (TensorRT profile, Triton)."),
         triton: Path = typer.Option(
             None, "--triton", help="Also write a Triton model repository here: ensemble NAME (raw audio + text in, "
@@ -40,7 +44,12 @@ def register(app: typer.Typer) -> None:
         triton_bare: bool = typer.Option(
             False, "--triton-bare", help="Write only the model entry NAME (clients send preprocessed tensors)."),
         agreement_data: Path = typer.Option(
-            None, "--agreement-data", help="int8: .npz of preprocessed inputs (audio, input_ids, attention_mask)."),
+            None, "--agreement-data", help="Reduced precisions: .npz of held-out preprocessed inputs (audio, "
+            "input_ids, attention_mask, optional labels) for the accuracy gate."),
+        calibration: Path = typer.Option(
+            None, "--calibration", help="Reduced precisions: the training corpus (folder or manifest); static "
+            "int8 calibrates on its training sessions, the accuracy gate uses the checkpoint's held-out session."),
+        calibration_samples: int = typer.Option(32, "--calibration-samples", help="Clips to calibrate on."),
         force: bool = typer.Option(False, "--force", help="Replace an existing --out (and Triton model)."),
     ) -> None:
         """Export a checkpoint to a verified artifact folder (model, tokenizer.json, dmf.json, parity.json)."""
@@ -56,34 +65,52 @@ def register(app: typer.Typer) -> None:
             from dmf.export.pipeline import export_checkpoint
 
             with console.status("starting", spinner="dots") as status:
-                last = {"name": None, "t": start}
-
-                def on_step(name: str) -> None:
-                    now = time.perf_counter()
-                    if last["name"] is not None:
-                        console.print(f"  [green]done[/green] {STEP_LABELS.get(last['name'], last['name'])} "
-                                      f"({now - last['t']:.1f} s)", highlight=False)
-                    last.update(name=name, t=now)
-                    status.update(STEP_LABELS.get(name, name))
-
+                on_step = _StepPrinter(console, status)
                 path = export_checkpoint(checkpoint, out, engine=engine, precision=precision,
                                          max_batch=max_batch, force=force, triton_dir=triton,
                                          triton_name=triton_name, triton_bare=triton_bare,
-                                         agreement_data=agreement_data,
-                                         on_step=on_step)
+                                         agreement_data=agreement_data, calibration=calibration,
+                                         calibration_samples=calibration_samples, on_step=on_step)
                 on_step("done")
         except ExportError as exc:
             fail(exc)
             return
-        import json
-
-        meta = json.loads((path / "dmf.json").read_text())
-        parity = meta["parity"]
-        line = (f"exported {meta['engine']} {meta['precision']} {meta['fusion']} model to {path} in "
-                f"{time.perf_counter() - start:.1f} s: parity vs torch on {parity['samples']} samples "
-                f"max abs diff {parity['max_abs_diff']:.1e}, argmax agreement {parity['argmax_agreement']:.3f}")
-        if parity.get("int8_agreement") is not None:
-            line += f", int8 agreement with fp32 {parity['int8_agreement']:.3f}"
+        line = _summary(path, time.perf_counter() - start)
         if triton is not None:
             line += f"; Triton {'model' if triton_bare else 'ensemble'} {triton / triton_name}"
         typer.echo(line)
+
+
+class _StepPrinter:
+    """on_step callback: a spinner naming the running step, a 'done' line with its time after it."""
+
+    def __init__(self, console, status) -> None:
+        import time
+
+        self.console, self.status, self.clock = console, status, time.perf_counter
+        self.name, self.t = None, self.clock()
+
+    def __call__(self, name: str) -> None:
+        now = self.clock()
+        if self.name is not None:
+            self.console.print(f"  [green]done[/green] {STEP_LABELS.get(self.name, self.name)} "
+                               f"({now - self.t:.1f} s)", highlight=False)
+        self.name, self.t = name, now
+        self.status.update(STEP_LABELS.get(name, name))
+
+
+def _summary(path: Path, seconds: float) -> str:
+    """The one line printed after a successful export: what, where, and the figures it passed."""
+    import json
+
+    meta = json.loads((path / "dmf.json").read_text())
+    parity = meta["parity"]
+    line = (f"exported {meta['engine']} {meta['precision']} {meta['fusion']} model to {path} in {seconds:.1f} s: "
+            f"parity vs torch on {parity['samples']} samples max abs diff {parity['max_abs_diff']:.1e}, "
+            f"argmax agreement {parity['argmax_agreement']:.3f}")
+    gate = parity.get("accuracy_gate")
+    if gate:
+        line += f"; held-out gate: agreement with fp32 {gate['argmax_agreement']:.3f} on {gate['samples']} clips"
+        if gate.get("ua") is not None:
+            line += f", UA {100 * gate['ua']:.1f} vs fp32 {100 * gate['ua_fp32']:.1f}"
+    return line

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dmf.export import ENGINES, PRECISIONS, ExportError
+from dmf.export import ENGINE_PRECISIONS, ENGINES, PRECISIONS, ExportError
 from dmf import contract as C
 from dmf.export import artifact as art
 from dmf.export.triton import NAME_RE, entry_paths
@@ -24,24 +24,29 @@ from dmf.fileio import commit_dir, stage_dir
 
 @dataclass(frozen=True)
 class ExportOptions:
-    engine: str = "onnx"  # onnx (ONNX Runtime graph, model.onnx) | trt (TensorRT plan, needs a CUDA GPU)
-    precision: str = "fp32"  # fp32 | fp16 (LayerNorm/Softmax kept fp32) | int8 (onnx only: dynamic MatMul int8)
+    engine: str = "onnx"  # onnx (model.onnx) | openvino (OpenVINO IR, CPU) | trt (TensorRT plan, needs a CUDA GPU)
+    precision: str = "fp32"  # fp32 | fp16 (onnx, trt) | bf16 (openvino) | int8 (onnx: dynamic MatMul; openvino: static)
     max_batch: int = 32  # largest batch: TensorRT profile max, Triton max_batch_size, dmf.json max_batch
     force: bool = False  # replace an existing out_dir (and Triton model folder) once the new one is complete
     triton_dir: Path | None = None  # also write a Triton model repository here (dmf.export.triton)
     triton_name: str = "dmf"  # Triton name: the ensemble; NAME_model, NAME_preprocess, NAME_postprocess
     triton_bare: bool = False  # write only the model entry <triton_dir>/<triton_name> (clients preprocess)
     verify_samples: int = 8  # seeded inputs compared against the torch eval model (>= 2)
-    agreement_data: Any = None  # int8 only: preprocessed real inputs (.npz path, dict or 3-tuple)
+    agreement_data: Any = None  # reduced precisions: held-out preprocessed inputs (.npz path, dict or 3-tuple)
+    calibration: Any = None  # reduced precisions: a corpus (folder or manifest): its training sessions
+    #   calibrate static int8, the checkpoint's held-out session gates accuracy
+    calibration_samples: int = 32  # clips static int8 calibrates on
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ExportError(f"unknown engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
         if self.precision not in PRECISIONS:
             raise ExportError(f"unknown precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
-        if self.precision == "int8" and self.engine == "trt":
-            raise ExportError("precision int8 is for engine onnx only (ORT dynamic quantisation); "
-                              "use fp16 or fp32 with engine trt")
+        if self.precision not in ENGINE_PRECISIONS[self.engine]:
+            raise ExportError(f"precision {self.precision} is not available for engine {self.engine} "
+                              f"(it offers {', '.join(ENGINE_PRECISIONS[self.engine])})")
+        if self.engine == "openvino" and self.precision == "int8" and self.calibration is None:
+            raise ExportError("static int8 needs calibration clips: give --calibration CORPUS (the training corpus)")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise ExportError(f"max_batch must be an integer >= 1, got {self.max_batch!r}")
         if not isinstance(self.verify_samples, int) or self.verify_samples < 2:
@@ -54,6 +59,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, engine: st
                       precision: str = "fp32", max_batch: int = 32, force: bool = False,
                       triton_dir: str | Path | None = None, verify_samples: int = 8,
                       agreement_data: Any = None, triton_name: str = "dmf", triton_bare: bool = False,
+                      calibration: Any = None, calibration_samples: int = 32,
                       on_step: Callable[[str], None] | None = None) -> Path:
     """Export a dmf checkpoint folder to a verified artifact folder `out_dir`; returns out_dir.
 
@@ -64,7 +70,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, engine: st
     options = ExportOptions(engine=engine, precision=precision, max_batch=max_batch, force=force,
                             triton_dir=Path(triton_dir) if triton_dir is not None else None,
                             verify_samples=verify_samples, agreement_data=agreement_data,
-                            triton_name=triton_name, triton_bare=triton_bare)
+                            triton_name=triton_name, triton_bare=triton_bare, calibration=calibration,
+                            calibration_samples=calibration_samples)
     return run(checkpoint, out_dir, options, on_step=on_step)
 
 
@@ -87,6 +94,9 @@ def run(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions,
     weights_sha = C.sha256_file(checkpoint / C.WEIGHTS_FILE)
     if agreement is not None:
         _check_agreement_shapes(agreement, cfg)
+    if options.calibration is not None:
+        step("calibration")
+        agreement = _calibration_data(options, model, checkpoint, agreement)
 
     staging = stage_dir(out_dir)
     work = stage_dir(out_dir.with_name(out_dir.name + ".work"))
@@ -139,20 +149,38 @@ def _load(checkpoint: Path):
         raise ExportError(f"cannot load checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from None
 
 
-def _load_agreement(options: ExportOptions) -> dict[str, np.ndarray] | None:
+def _load_agreement(options: ExportOptions) -> dict | None:
+    """Held-out rows given as arrays ({"held_out": rows}), or None."""
     if options.agreement_data is None:
         return None
-    if options.precision != "int8":
-        raise ExportError("agreement data is used for int8 exports only (--precision int8)")
+    if options.precision == "fp32":
+        raise ExportError("agreement data gates reduced precisions only (--precision fp16|bf16|int8)")
     from dmf.export.verify import load_agreement_data
 
     try:
-        return load_agreement_data(options.agreement_data)
+        return {"held_out": load_agreement_data(options.agreement_data), "held_out_session": None}
     except (OSError, ValueError, KeyError) as exc:
         raise ExportError(f"cannot read agreement data: {exc}") from None
 
 
-def _check_agreement_shapes(data: dict[str, np.ndarray], cfg) -> None:
+def _calibration_data(options: ExportOptions, model, checkpoint: Path, given: dict | None) -> dict:
+    """Calibration and held-out rows from the corpus (a dict of rows is taken as is); held-out
+    rows given as agreement data win over the corpus's."""
+    if options.precision == "fp32":
+        raise ExportError("--calibration is for reduced precisions (--precision fp16|bf16|int8)")
+    data = options.calibration
+    if not isinstance(data, dict):
+        from dmf.export.calibration import corpus_data
+
+        try:
+            data = corpus_data(data, model, checkpoint, options.calibration_samples)
+        except Exception as exc:  # DataError, AudioError, ValueError: all one-liners naming the file
+            raise ExportError(f"cannot read calibration corpus {data}: {exc}") from None
+    return {**data, **(given or {})}
+
+
+def _check_agreement_shapes(data: dict, cfg) -> None:
+    data = data["held_out"]
     want = {"audio": cfg.max_audio_samples, "input_ids": cfg.max_tokens, "attention_mask": cfg.max_tokens}
     for name, dim in want.items():
         if data[name].ndim != 2 or data[name].shape[1] != dim:
@@ -173,7 +201,7 @@ def _opcheck(path: Path, what: str, extra_allowed=()) -> None:
         raise ExportError(f"{what} refused by the op check: {reason}")
 
 
-def _build(model, checkpoint: Path, work: Path, options: ExportOptions, agreement, step):
+def _build(model, checkpoint: Path, work: Path, options: ExportOptions, data: dict | None, step):
     """Export, check, optimise and verify; returns (model file to ship, parity report)."""
     from dmf.export import verify as V
     from dmf.export.onnx_export import export_onnx
@@ -181,7 +209,7 @@ def _build(model, checkpoint: Path, work: Path, options: ExportOptions, agreemen
 
     cfg = model.model_config
     feeds = V.verify_inputs(cfg, model.tokenizer, options.verify_samples)
-    model.eval().exportable(False)
+    model.eval()
     reference = V.torch_reference(model, feeds)  # the plain eval model (FFT CBP) is the reference
 
     step("export")
@@ -192,34 +220,43 @@ def _build(model, checkpoint: Path, work: Path, options: ExportOptions, agreemen
     fp32 = optimize_offline(raw, work / "fp32.onnx", level="basic")
     _opcheck(fp32, "optimised graph")
     step("verify")
-    p32 = V.verify_onnx(fp32, reference, feeds)
-    failure = V.parity_failure(p32, V.FP32_ATOL)
-    if failure:
-        raise ExportError(failure)
+    p32 = V.verify_onnx(fp32, reference, feeds, cfg)
+    _gate(V.parity_failure(p32, V.FP32_ATOL))
     parity = {
         "reference": "torch-eval-fp32", "checked_with": "onnxruntime-cpu", "samples": p32.samples,
         "max_abs_diff": p32.max_abs_diff, "argmax_agreement": p32.argmax_agreement, "tolerance": V.FP32_ATOL,
         "fp32_max_abs_diff": p32.max_abs_diff, "fp32_argmax_agreement": p32.argmax_agreement,
-        "int8_agreement": None, "inputs": {"seed": V.VERIFY_SEED, "batch_sizes": [p32.samples, 1]},
+        "int8_agreement": None, "accuracy_gate": None,
+        "inputs": {"seed": V.VERIFY_SEED, "batch_sizes": [p32.samples, 1]},
     }
-    model_file = fp32
-
-    if options.engine == "onnx" and options.precision == "int8":
-        step("quantise")
-        model_file = _int8(fp32, work, feeds, reference, agreement, options, parity)
-    elif options.engine == "onnx" and options.precision == "fp16":
-        step("fp16")
-        from dmf.export.optimize import convert_fp16
-
-        model_file = convert_fp16(fp32, work / "fp16.onnx")
-        _opcheck(model_file, "fp16 graph")
-        p16 = V.verify_onnx(model_file, reference, feeds)
-        _gate(V.parity_failure(p16, V.FP16_ATOL, "fp16 export"))
-        parity.update(max_abs_diff=p16.max_abs_diff, argmax_agreement=p16.argmax_agreement, tolerance=V.FP16_ATOL)
-    elif options.engine == "trt":
+    job = _Job(fp32, work, feeds, reference, options, cfg, parity, data)
+    if options.engine == "openvino":
+        step("openvino")
+        return _openvino(job), parity
+    if options.engine == "trt":
         step("trt")
-        model_file = _tensorrt(fp32, work, feeds, reference, options, cfg, parity)
-    return model_file, parity
+        return _tensorrt(fp32, work, feeds, reference, options, cfg, parity), parity
+    if options.precision == "int8":
+        step("quantise")
+        return _int8(job), parity
+    if options.precision == "fp16":
+        step("fp16")
+        return _fp16(job), parity
+    return fp32, parity
+
+
+@dataclass
+class _Job:
+    """What each reduced-precision step needs: the verified fp32 graph and its verification."""
+
+    fp32: Path  # the verified fp32 ONNX graph
+    work: Path  # scratch folder
+    feeds: dict  # the seeded verify inputs
+    reference: np.ndarray  # (N, C) torch eval log-probs on feeds
+    options: ExportOptions
+    cfg: Any  # ModelConfig
+    parity: dict  # the report, updated in place
+    data: dict | None  # {"calibration", "held_out", ...} rows, or None
 
 
 def _gate(failure: str | None) -> None:
@@ -227,35 +264,90 @@ def _gate(failure: str | None) -> None:
         raise ExportError(failure)
 
 
-def _int8(fp32: Path, work: Path, feeds, reference, agreement, options: ExportOptions, parity: dict) -> Path:
+def _check_reduced(job: _Job, kind: str, path: Path, atol: float | None) -> None:
+    """A reduced-precision graph, through the runtime's engine `kind`: against torch on the verify
+    inputs (within `atol`; None: int8, where only a broken graph is caught, by agreement with fp32
+    >= INT8_MIN_VERIFY_AGREEMENT), then the accuracy gate on held-out rows when there are any."""
     from dmf.export import verify as V
+
+    what = f"{job.options.engine} {job.options.precision} export"
+    reduced = V.open_graph(kind, path, job.cfg, job.options.precision)
+    vs_torch = V.verify_engine(reduced, job.reference, job.feeds)
+    job.parity.update(checked_with=_CHECKED_WITH[kind], max_abs_diff=vs_torch.max_abs_diff,
+                      argmax_agreement=vs_torch.argmax_agreement, tolerance=atol)
+    if atol is not None:
+        _gate(V.parity_failure(vs_torch, atol, what))
+    else:
+        vs_fp32 = V.compare(job.reference, V.run_chunks(reduced, job.feeds))
+        job.parity.update(int8_verify_agreement=vs_fp32.argmax_agreement)
+        if not np.isfinite(vs_fp32.max_abs_diff):
+            raise ExportError(f"{what} failed verification: non-finite log-probs")
+        if vs_fp32.argmax_agreement < V.INT8_MIN_VERIFY_AGREEMENT:  # a broken graph lands near chance
+            raise ExportError(f"{what} failed verification: argmax agreement with fp32 "
+                              f"{vs_fp32.argmax_agreement:.3f} < {V.INT8_MIN_VERIFY_AGREEMENT} on the verify inputs")
+    if job.data is not None and job.data.get("held_out") is not None:
+        _held_out_gate(job, reduced, what)
+
+
+_CHECKED_WITH = {"onnx": "onnxruntime-cpu", "openvino": "openvino-cpu", "trt": "tensorrt"}
+
+
+def _held_out_gate(job: _Job, reduced, what: str) -> None:
+    """Argmax agreement with the fp32 graph and UA on held-out rows (verify.accuracy_gate)."""
+    from dmf.export import verify as V
+
+    rows = job.data["held_out"]
+    batch = min(job.options.max_batch, 8)
+    fp32 = V.open_graph("onnx", job.fp32, job.cfg)
+    try:
+        record = V.accuracy_gate(V.run_chunks(fp32, rows, batch), V.run_chunks(reduced, rows, batch),
+                                 rows.get("labels"), what)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    record["held_out_session"] = job.data.get("held_out_session")
+    job.parity.update(accuracy_gate=record)
+    if job.options.precision == "int8":  # the keys dmf.json had before the gate covered every precision
+        job.parity.update(int8_agreement=record["argmax_agreement"], int8_agreement_samples=record["samples"])
+
+
+def _int8(job: _Job) -> Path:
+    """ONNX Runtime dynamic int8 (MatMul weights; Conv and the fusion's MatMuls stay fp32)."""
     from dmf.export.opcheck import ORT_INT8_OPS
     from dmf.export.optimize import quantize_int8
 
-    int8 = quantize_int8(fp32, work / "int8.onnx")
+    int8 = quantize_int8(job.fp32, job.work / "int8.onnx")
     _opcheck(int8, "int8 graph", extra_allowed=ORT_INT8_OPS)
-    s32, s8 = V.ort_session(fp32), V.ort_session(int8)
-    out32 = V.ort_run(s32, feeds)
-    vs_torch = V.verify_onnx(int8, reference, feeds)
-    vs_fp32 = V.compare(out32, V.ort_run(s8, feeds))
-    parity.update(max_abs_diff=vs_torch.max_abs_diff, argmax_agreement=vs_torch.argmax_agreement,
-                  tolerance=None, int8_verify_agreement=vs_fp32.argmax_agreement,
-                  int8_verify_max_abs_diff=vs_fp32.max_abs_diff)
-    if not np.isfinite(vs_fp32.max_abs_diff):
-        raise ExportError("int8 export failed verification: non-finite log-probs")
-    if vs_fp32.argmax_agreement < V.INT8_MIN_VERIFY_AGREEMENT:  # sanity gate: a broken graph is near chance
-        raise ExportError(f"int8 export failed verification: argmax agreement with fp32 "
-                          f"{vs_fp32.argmax_agreement:.3f} < {V.INT8_MIN_VERIFY_AGREEMENT} on the verify inputs")
-    if agreement is not None:
-        batch = options.max_batch
-        a32 = V.ort_run(s32, agreement, batch=batch)
-        a8 = V.ort_run(s8, agreement, batch=batch)
-        rate = float(np.mean(a32.argmax(-1) == a8.argmax(-1)))
-        parity.update(int8_agreement=rate, int8_agreement_samples=int(len(a32)))
-        if rate < V.INT8_MIN_AGREEMENT:
-            raise ExportError(f"int8 export failed agreement: argmax agreement with fp32 {rate:.3f} < "
-                              f"{V.INT8_MIN_AGREEMENT} on {len(a32)} agreement samples")
+    _check_reduced(job, "onnx", int8, atol=None)
     return int8
+
+
+def _fp16(job: _Job) -> Path:
+    from dmf.export import verify as V
+    from dmf.export.optimize import convert_fp16
+
+    fp16 = convert_fp16(job.fp32, job.work / "fp16.onnx")
+    _opcheck(fp16, "fp16 graph")
+    _check_reduced(job, "onnx", fp16, atol=V.FP16_ATOL)
+    return fp16
+
+
+def _openvino(job: _Job) -> Path:
+    """OpenVINO IR: fp32 (checked at fp32 tolerance), bf16 (the same IR, bf16 at run time where the
+    CPU has it) or static int8 calibrated on the corpus's training clips (NNCF)."""
+    from dmf.export import openvino as OV
+    from dmf.export import verify as V
+    from dmf.export.optimize import fusion_matmuls
+
+    xml = job.work / C.MODEL_FILES["openvino"]
+    if job.options.precision == "int8":
+        if job.data is None or job.data.get("calibration") is None:
+            raise ExportError("static int8 needs calibration clips: give --calibration CORPUS")
+        OV.quantize(job.fp32, xml, job.data["calibration"], keep_fp32=fusion_matmuls(job.fp32))
+    else:
+        OV.convert(job.fp32, xml)
+    atol = {"fp32": V.FP32_ATOL, "bf16": V.FP16_ATOL, "int8": None}[job.options.precision]
+    _check_reduced(job, "openvino", xml, atol)
+    return xml
 
 
 def _tensorrt(fp32: Path, work: Path, feeds, reference, options: ExportOptions, cfg, parity: dict) -> Path:
@@ -287,13 +379,16 @@ def _tensorrt(fp32: Path, work: Path, feeds, reference, options: ExportOptions, 
 def _write(staging: Path, model, checkpoint: Path, model_file: Path, parity: dict, weights_sha: str,
            options: ExportOptions) -> None:
     name = C.MODEL_FILES[options.engine]
+    shipped = [name] + ([C.OPENVINO_WEIGHTS_FILE] if options.engine == "openvino" else [])
     shutil.copyfile(model_file, staging / name)
+    if options.engine == "openvino":  # the IR's weights, written beside model.xml
+        shutil.copyfile(model_file.with_name(C.OPENVINO_WEIGHTS_FILE), staging / C.OPENVINO_WEIGHTS_FILE)
     tokenizer_src = checkpoint / C.TOKENIZER_FILE
     if tokenizer_src.is_file():
         shutil.copyfile(tokenizer_src, staging / C.TOKENIZER_FILE)
     else:  # checkpoints always carry it; keep a fallback for hand-made folders
         model.tokenizer.backend_tokenizer.save(str(staging / C.TOKENIZER_FILE))
-    files = {name: C.sha256_file(staging / name), C.TOKENIZER_FILE: C.sha256_file(staging / C.TOKENIZER_FILE)}
+    files = {f: C.sha256_file(staging / f) for f in (*shipped, C.TOKENIZER_FILE)}
     C.write_json(staging / C.PARITY_FILE, parity)
     files[C.PARITY_FILE] = C.sha256_file(staging / C.PARITY_FILE)
     meta = art.manifest(model_config=model.model_config, engine=options.engine, precision=options.precision,

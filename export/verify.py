@@ -12,14 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
+from dmf.contract import AUDIO_INPUT, IDS_INPUT, INPUT_DTYPES, INPUT_NAMES, MASK_INPUT
+
 FP32_ATOL = 1e-4  # DESIGN §4: max abs diff of log-probs, ONNX fp32 vs torch eval fp32
 FP16_ATOL = 5e-2  # fp16 graph vs torch fp32 (LayerNorm/Softmax kept fp32)
 INT8_MIN_AGREEMENT = 0.99  # argmax agreement int8 vs fp32 required on agreement data (real inputs)
+MIN_AGREEMENT = INT8_MIN_AGREEMENT  # the accuracy gate of every reduced precision: argmax agreement with fp32 ...
+MAX_UA_DROP = 0.01  # ... on held-out clips, and UA (when labels are known) at most 1 point below fp32's
 # On the few synthetic verify inputs (a random-init model's log-probs are nearly flat) int8 may flip a
 # near-tie; this only catches a broken quantisation (which lands near chance, 1/num_labels).
 INT8_MIN_VERIFY_AGREEMENT = 0.75
 VERIFY_SEED = 1234
-INPUT_NAMES = ("audio", "input_ids", "attention_mask")
 
 
 @dataclass
@@ -56,7 +59,7 @@ def verify_inputs(model_config, tokenizer, samples: int = 8, seed: int = VERIFY_
         ids[i, 0] = cls_id
         ids[i, length - 1] = sep_id
         mask[i, :length] = 1
-    return {"audio": audio, "input_ids": ids, "attention_mask": mask}
+    return {AUDIO_INPUT: audio, IDS_INPUT: ids, MASK_INPUT: mask}
 
 
 def _token_id(tokenizer, kind: str, default: int) -> int:
@@ -65,36 +68,28 @@ def _token_id(tokenizer, kind: str, default: int) -> int:
 
 
 def torch_reference(model, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    import torch
+    """The torch eval model's log-probs (fp32), through the same engine interface as the graphs."""
+    from dmf.torch_engine import TorchEngine
 
-    with torch.no_grad():
-        out = model(*(torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in INPUT_NAMES))
-    return out.float().numpy()
-
-
-def ort_session(path: str | Path, threads: int | None = None, level: str = "all"):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return TorchEngine(model).infer(feeds)
 
 
-def ort_run(session, feeds: dict[str, np.ndarray], batch: int | None = None) -> np.ndarray:
-    """Run in chunks of `batch` (None: all at once); returns log-probs (N, C) float32."""
-    n = len(feeds["audio"])
+def open_graph(kind: str, path: str | Path, model_config, precision: str = "fp32", threads: int | None = None):
+    """The runtime's engine `kind` (onnx, openvino, trt) over an exported graph with the contract's
+    tensors at `model_config`'s shapes: export checks the code users run."""
+    from dmf.runtime.artifact import ModelFile
+    from dmf.runtime.engines import open_engine
+
+    model = ModelFile.for_shapes(path, model_config.max_audio_samples, model_config.max_tokens,
+                                 model_config.num_labels, precision)
+    return open_engine(kind, model, threads=threads)
+
+
+def run_chunks(engine, feeds: dict[str, np.ndarray], batch: int | None = None) -> np.ndarray:
+    """engine.infer in chunks of `batch` (None: all at once); (N, C) float32 log-probs."""
+    n = len(feeds[AUDIO_INPUT])
     step = batch or n
-    outs = []
-    for start in range(0, n, step):
-        chunk = {k: v[start:start + step] for k, v in feeds.items()}
-        outs.append(session.run(["log_probs"], chunk)[0])
+    outs = [engine.infer({k: v[start:start + step] for k, v in feeds.items()}) for start in range(0, n, step)]
     return np.concatenate(outs).astype(np.float32)
 
 
@@ -108,14 +103,22 @@ def compare(reference: np.ndarray, got: np.ndarray) -> Parity:
     return Parity(samples=len(got), max_abs_diff=diff, argmax_agreement=agreement)
 
 
-def verify_onnx(path: str | Path, reference: np.ndarray, feeds: dict[str, np.ndarray]) -> Parity:
-    """ORT (CPU) vs the reference, once as one batch and once sample by sample (batch 1): the
+def verify_engine(engine, reference: np.ndarray, feeds: dict[str, np.ndarray]) -> Parity:
+    """`engine` vs the reference, once as one batch and once sample by sample (batch 1): the
     dynamic batch dim must work at both sizes. The worse of the two is reported."""
-    session = ort_session(path)
-    whole = compare(reference, ort_run(session, feeds))
-    single = compare(reference, ort_run(session, feeds, batch=1))
+    whole = compare(reference, run_chunks(engine, feeds))
+    single = compare(reference, run_chunks(engine, feeds, batch=1))
     return Parity(samples=whole.samples, max_abs_diff=max(whole.max_abs_diff, single.max_abs_diff),
                   argmax_agreement=min(whole.argmax_agreement, single.argmax_agreement))
+
+
+def verify_onnx(path: str | Path, reference: np.ndarray, feeds: dict[str, np.ndarray], model_config) -> Parity:
+    """The ONNX graph through the runtime's onnxruntime engine (CPU) vs the reference."""
+    engine = open_graph("onnx", path, model_config)
+    try:
+        return verify_engine(engine, reference, feeds)
+    finally:
+        engine.close()
 
 
 def parity_failure(parity: Parity, atol: float, what: str = "export") -> str | None:
@@ -139,9 +142,37 @@ def load_agreement_data(data) -> dict[str, np.ndarray]:
     missing = [k for k in INPUT_NAMES if k not in data]
     if missing:
         raise ValueError(f"agreement data lacks {', '.join(missing)} (expected {', '.join(INPUT_NAMES)})")
-    out = {"audio": np.asarray(data["audio"], dtype=np.float32),
-           "input_ids": np.asarray(data["input_ids"], dtype=np.int64),
-           "attention_mask": np.asarray(data["attention_mask"], dtype=np.int64)}
-    if len({len(v) for v in out.values()}) != 1 or len(out["audio"]) == 0:
+    out = {name: np.asarray(data[name], dtype=np.dtype(INPUT_DTYPES[name])) for name in INPUT_NAMES}
+    if "labels" in data:  # optional: label indices, for the UA part of the accuracy gate
+        out["labels"] = np.asarray(data["labels"], dtype=np.int64)
+    if len({len(v) for v in out.values()}) != 1 or len(out[AUDIO_INPUT]) == 0:
         raise ValueError("agreement data arrays must be non-empty and have the same first dim")
     return out
+
+
+def unweighted_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """UA: mean recall over the classes present in `labels`."""
+    return float(np.mean([np.mean(predicted[labels == c] == c) for c in np.unique(labels)]))
+
+
+def accuracy_gate(fp32: np.ndarray, reduced: np.ndarray, labels: np.ndarray | None, what: str) -> dict:
+    """The accuracy gate of a reduced-precision graph on held-out inputs: argmax agreement with the
+    fp32 graph >= MIN_AGREEMENT and, with labels, UA at most MAX_UA_DROP below fp32's. Returns the
+    record dmf.json keeps; raises ValueError (one line, with the figures) when it fails."""
+    agreement = float(np.mean(fp32.argmax(-1) == reduced.argmax(-1)))
+    record = {"samples": int(len(fp32)), "argmax_agreement": agreement, "min_agreement": MIN_AGREEMENT,
+              "ua_fp32": None, "ua": None, "max_ua_drop": MAX_UA_DROP}
+    if labels is not None:
+        record.update(ua_fp32=unweighted_accuracy(labels, fp32.argmax(-1)),
+                      ua=unweighted_accuracy(labels, reduced.argmax(-1)))
+    problems = []
+    if not np.isfinite(reduced).all():
+        problems.append("non-finite log-probs")
+    if agreement < MIN_AGREEMENT:
+        problems.append(f"argmax agreement with fp32 {agreement:.3f} < {MIN_AGREEMENT}")
+    if record["ua"] is not None and record["ua"] < record["ua_fp32"] - MAX_UA_DROP - 1e-12:
+        problems.append(f"UA {100 * record['ua']:.1f} more than {100 * MAX_UA_DROP:.0f} point below "
+                        f"fp32's {100 * record['ua_fp32']:.1f}")
+    if problems:
+        raise ValueError(f"{what} failed the accuracy gate on {len(fp32)} held-out samples: " + "; ".join(problems))
+    return record

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from dmf.contract import (AUDIO_INPUT, FORMAT, IDS_INPUT, INPUT_NAMES, MASK_INPUT, MODEL_FILES, SUPPORTED_SCHEMA_VERSIONS,
-                          sha256_file)
+                          io_spec, sha256_file)
 from dmf.contract import META_FILE as META_NAME
+from dmf.contract import NORMALIZE_OVER
 
 ENGINES = tuple(MODEL_FILES)
 MAX_META_BYTES = 1 << 20  # dmf.json is a few KiB; a larger one is not ours (and is not parsed)
@@ -30,6 +31,34 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple  # e.g. ("batch", 80000)
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """What an engine needs to open a model: the file, the tensors the contract promises, and the
+    precision it was verified at. An artifact gives one (`Artifact.model_file`); export builds one
+    for each graph it verifies, so export checks the engines users run."""
+
+    model_path: Path
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    precision: str = "fp32"
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.inputs)
+
+    @property
+    def output_name(self) -> str:
+        return self.outputs[0].name
+
+    @classmethod
+    def for_shapes(cls, path: str | Path, input_samples: int, max_tokens: int, num_labels: int,
+                   precision: str = "fp32") -> "ModelFile":
+        """A graph with the contract's tensors at these shapes (dmf.contract.io_spec)."""
+        inputs, outputs = io_spec(input_samples, max_tokens, num_labels)
+        spec = lambda d: TensorSpec(d["name"], d["dtype"], tuple(d["shape"]))  # noqa: E731
+        return cls(Path(path), tuple(map(spec, inputs)), tuple(map(spec, outputs)), precision)
 
 
 @dataclass(frozen=True)
@@ -48,6 +77,7 @@ class Artifact:
     max_tokens: int
     do_normalize: bool
     eps: float
+    normalize_over: str  # "all" (the padded clip) | "real_samples" (the samples before the padding)
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch: int
@@ -67,6 +97,10 @@ class Artifact:
     @property
     def output_name(self) -> str:
         return self.outputs[0].name
+
+    @property
+    def model_file(self) -> ModelFile:
+        return ModelFile(self.model_path, self.inputs, self.outputs, self.precision)
 
     def summary(self) -> dict[str, Any]:
         """The fields a health endpoint or a log line shows."""
@@ -133,7 +167,7 @@ def load_artifact(path: str | Path, *, verify: bool = True) -> Artifact:
     if engine not in ENGINES:
         raise ArtifactError(f"{where}: field 'engine' = {engine!r} is invalid: expected one of {ENGINES}")
     labels = _labels(meta, where)
-    do_normalize, eps = _normalisation(meta, where)
+    do_normalize, eps, normalize_over = _normalisation(meta, where)
     sample_rate = _positive_int(meta, "sample_rate", where)
     input_samples = _positive_int(meta, "input_samples", where)
     max_tokens = _positive_int(meta, "max_tokens", where)
@@ -145,7 +179,7 @@ def load_artifact(path: str | Path, *, verify: bool = True) -> Artifact:
         path=root, meta=meta, engine=engine, precision=str(meta.get("precision", "fp32")),
         model_path=model_path, tokenizer_path=tokenizer_path, labels=tuple(labels),
         sample_rate=sample_rate, input_samples=input_samples, max_tokens=max_tokens,
-        do_normalize=do_normalize, eps=float(eps), inputs=inputs, outputs=outputs, max_batch=max_batch,
+        do_normalize=do_normalize, eps=float(eps), normalize_over=normalize_over, inputs=inputs, outputs=outputs, max_batch=max_batch,
     )
 
 
@@ -190,14 +224,17 @@ def _labels(meta: dict, where: Path) -> list[str]:
     return labels
 
 
-def _normalisation(meta: dict, where: Path) -> tuple[bool, float]:
+def _normalisation(meta: dict, where: Path) -> tuple[bool, float, str]:
+    """(do_normalize, eps, over); an artifact written before "over" existed normalised over "all"."""
     norm = _require(meta, "normalisation", dict, where)
     do_normalize = norm.get("do_normalize")
     eps = norm.get("eps", 1e-7)
-    if not isinstance(do_normalize, bool) or not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
-        raise ArtifactError(f"{where}: field 'normalisation' = {norm!r} is invalid: "
-                            "expected {'do_normalize': bool, 'eps': float >= 0}")
-    return do_normalize, eps
+    over = norm.get("over", "all")
+    if (not isinstance(do_normalize, bool) or not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0
+            or over not in NORMALIZE_OVER):
+        raise ArtifactError(f"{where}: field 'normalisation' = {norm!r} is invalid: expected "
+                            f"{{'do_normalize': bool, 'eps': float >= 0, 'over': one of {list(NORMALIZE_OVER)}}}")
+    return do_normalize, eps, over
 
 
 def _io_specs(meta: dict, where: Path, input_samples: int, max_tokens: int, n_labels: int):

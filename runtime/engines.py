@@ -1,21 +1,31 @@
 """Inference backends behind one interface: `infer(batch: dict[str, np.ndarray]) -> (B, C) log_probs`.
 
-- `OrtEngine`: onnxruntime `InferenceSession` for `model.onnx`; execution providers CPU, CUDA,
-  TensorRT, chosen from what the installed onnxruntime offers and what the caller asks for.
-- `TrtEngine`: a native TensorRT plan (`model.plan`); needs a CUDA GPU, the `tensorrt` module and
-  the CUDA runtime library (found through ctypes, so no pycuda/cupy/torch dependency).
+- `OrtEngine` ("onnx"): onnxruntime over `model.onnx`; execution providers CPU, CUDA, TensorRT.
+- `OpenVinoEngine` ("openvino", runtime/openvino.py): OpenVINO's CPU plugin over `model.onnx` or an
+  OpenVINO IR (`model.xml`, e.g. dmf's static int8); bf16 where the artifact allows and the CPU has it.
+- `TrtEngine` ("trt", runtime/trt.py): a native TensorRT plan; needs a CUDA GPU.
+- `dmf.torch_engine.TorchEngine` ("torch", "torch-bf16"): the training side's eager model, the
+  reference for export verification and the baselines of `dmf bench`.
 
 Pre- and post-processing live in the predictor; an engine only maps named arrays to log-probs.
-onnxruntime and tensorrt are imported lazily, inside the functions that use them.
+Every engine checks the model's own tensors against the contract (names, dtypes, widths) when it
+opens. onnxruntime, openvino and tensorrt are imported inside the functions that use them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Protocol, Sequence
 
 import numpy as np
 
-from .artifact import Artifact
+from dmf.cpuinfo import cpu_info
+
+from .artifact import Artifact, ModelFile, TensorSpec
+
+# Engines by the artifact engine ("engine" in dmf.json) they can run.
+RUNNABLE = {"onnx": ("onnx", "openvino"), "openvino": ("openvino",), "trt": ("trt",)}
+ENGINE_NAMES = ("auto", "onnx", "openvino", "trt")
 
 
 class EngineError(RuntimeError):
@@ -32,6 +42,35 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+def check_io(model: ModelFile, inputs: dict[str, tuple[str | None, tuple]], outputs: dict[str, tuple]) -> None:
+    """The model file's own tensors against the contract. inputs: name -> (dtype name or None when
+    the engine cannot say, shape with None for dynamic dims); outputs: name -> shape."""
+    where = model.model_path
+    missing = [n for n in model.input_names if n not in inputs]
+    if missing:
+        raise EngineError(f"{where}: model has no input(s) {missing} that dmf.json names (model inputs: {list(inputs)})")
+    for spec in model.inputs:
+        dtype, shape = inputs[spec.name]
+        if dtype is not None and dtype != spec.dtype:
+            raise EngineError(f"{where}: input {spec.name!r} is {dtype} in the model but {spec.dtype} in dmf.json")
+        _check_width(where, f"input {spec.name!r}", shape, spec)
+    if model.output_name not in outputs:
+        raise EngineError(f"{where}: model has no output {model.output_name!r} (outputs: {list(outputs)})")
+    _check_width(where, f"output {model.output_name!r}", outputs[model.output_name], model.outputs[0])
+
+
+def _check_width(where, what: str, shape: tuple, spec: TensorSpec) -> None:
+    """Rank and the fixed (non-batch) width; dynamic dims (None) pass."""
+    want = spec.shape[1:]
+    got = tuple(shape)[1:]
+    if len(shape) != len(spec.shape) or any(g is not None and g != w for g, w in zip(got, want)):
+        raise EngineError(f"{where}: {what} has shape {list(shape)} in the model but {list(spec.shape)} in dmf.json")
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 # ----------------------------------------------------------------------------------- onnxruntime
 
 PROVIDER_ALIASES = {
@@ -45,6 +84,12 @@ _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32,
 }
+_ORT_DTYPES = {k: np.dtype(v).name for k, v in _ORT_TYPES.items()}
+
+
+def _dims(shape) -> tuple:
+    """ORT's declared shape with symbolic dims as None."""
+    return tuple(d if isinstance(d, int) else None for d in shape)
 
 
 def _import_ort():
@@ -94,7 +139,7 @@ class OrtEngine:
 
     name = "onnx"
 
-    def __init__(self, artifact: Artifact, providers: str | Sequence[str] | None = None,
+    def __init__(self, model: ModelFile, providers: str | Sequence[str] | None = None,
                  threads: int | None = None) -> None:
         ort = _import_ort()
         chosen = select_providers(providers, ort.get_available_providers())
@@ -107,10 +152,10 @@ class OrtEngine:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(artifact.model_path), sess_options=options, providers=chosen)
+            self.session = ort.InferenceSession(str(model.model_path), sess_options=options, providers=chosen)
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise EngineError(f"{artifact.model_path}: onnxruntime cannot load the model: {first}") from None
+            raise EngineError(f"{model.model_path}: onnxruntime cannot load the model: {first}") from None
         self.providers = list(self.session.get_providers())
         if providers is not None:
             lost = [p for p in chosen if p not in self.providers]
@@ -118,16 +163,10 @@ class OrtEngine:
                 raise EngineError(f"execution provider(s) {lost} were requested but failed to initialise "
                                   f"(running: {self.providers}); check the CUDA/TensorRT libraries")
         declared = {i.name: i for i in self.session.get_inputs()}
-        missing = [n for n in artifact.input_names if n not in declared]
-        if missing:
-            raise EngineError(f"{artifact.model_path}: model has no input(s) {missing} that dmf.json names "
-                              f"(model inputs: {list(declared)})")
-        self.input_types = {n: _ORT_TYPES.get(declared[n].type, None) for n in artifact.input_names}
-        outputs = [o.name for o in self.session.get_outputs()]
-        if artifact.output_name not in outputs:
-            raise EngineError(f"{artifact.model_path}: model has no output {artifact.output_name!r} "
-                              f"(outputs: {outputs})")
-        self.output_name = artifact.output_name
+        check_io(model, {n: (_ORT_DTYPES.get(i.type), _dims(i.shape)) for n, i in declared.items()},
+                 {o.name: _dims(o.shape) for o in self.session.get_outputs()})
+        self.input_types = {n: _ORT_TYPES.get(declared[n].type) for n in model.input_names}
+        self.output_name = model.output_name
         self.max_batch = None
 
     def infer(self, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -146,18 +185,52 @@ class OrtEngine:
 
 def create_engine(artifact: Artifact, engine: str = "auto", providers: str | Sequence[str] | None = None,
                   threads: int | None = None) -> Engine:
-    """The backend for `artifact`. engine: auto (dmf.json's `engine`), onnx or trt."""
-    kind = artifact.engine if engine == "auto" else engine
-    if kind not in ("onnx", "trt"):
-        raise EngineError(f"engine {engine!r} is invalid: expected auto, onnx or trt")
-    if kind != artifact.engine:
+    """The backend for `artifact`. engine: auto (`choose_engine`), onnx, openvino or trt."""
+    if engine not in ENGINE_NAMES:
+        raise EngineError(f"engine {engine!r} is invalid: expected one of {', '.join(ENGINE_NAMES)}")
+    kind = choose_engine(artifact, providers) if engine == "auto" else engine
+    if kind not in RUNNABLE[artifact.engine]:
         raise EngineError(f"{artifact.path}: the artifact holds a {artifact.engine} model "
-                          f"({artifact.model_path.name}); engine {kind!r} cannot run it "
-                          f"(export with `--engine {kind}`, or use engine 'auto')")
+                          f"({artifact.model_path.name}); engine {kind!r} cannot run it (engines for it: "
+                          f"{', '.join(RUNNABLE[artifact.engine])}, or 'auto')")
+    return open_engine(kind, artifact.model_file, providers=providers, threads=threads)
+
+
+def open_engine(kind: str, model: ModelFile, *, providers: str | Sequence[str] | None = None,
+                threads: int | None = None) -> Engine:
+    """Engine `kind` (onnx, openvino, trt) over one model file."""
+    if providers is not None and kind != "onnx":
+        raise EngineError(f"providers apply to the onnx engine only, not {kind!r}")
     if kind == "onnx":
-        return OrtEngine(artifact, providers=providers, threads=threads)
-    if providers is not None:
-        raise EngineError("providers apply to the onnx engine only; a TensorRT plan runs on the GPU it was built for")
+        return OrtEngine(model, providers=providers, threads=threads)
+    if kind == "openvino":
+        from .openvino import OpenVinoEngine
+
+        return OpenVinoEngine(model, threads=threads)
     from .trt import TrtEngine
 
-    return TrtEngine(artifact)
+    return TrtEngine(model)
+
+
+def choose_engine(artifact: Artifact, providers: str | Sequence[str] | None = None) -> str:
+    """What `engine="auto"` runs: the fastest engine that the artifact, the installed packages and
+    this CPU allow, without lowering the precision the artifact was verified at.
+
+    - trt / openvino artifacts: their own engine.
+    - onnx artifacts: onnxruntime when providers are asked for (CUDA, TensorRT), for int8 (dynamic
+      MatMulInteger graphs, slow in OpenVINO) and fp16, and whenever it is installed: on fp32
+      graphs OpenVINO at f32 only ties it (measured, README); OpenVINO when it is the one installed.
+    """
+    own = artifact.engine
+    if own != "onnx":
+        return own
+    if providers is not None or installed("onnxruntime") or not installed("openvino"):
+        return "onnx"
+    return "openvino"
+
+
+def describe_choice(artifact: Artifact) -> dict:
+    """Why auto picked what it picked: the CPU line and the installed engines (for /healthz, --json)."""
+    return {"cpu": cpu_info().line(), "installed": [m for m in ("onnxruntime", "openvino", "tensorrt")
+                                                     if installed(m)], "artifact_engine": artifact.engine,
+            "precision": artifact.precision}
