@@ -18,13 +18,32 @@ def world_size() -> int:
 
 
 def gather_batch(x: torch.Tensor) -> torch.Tensor:
-    """(m, d) on each rank -> (world * m, d), ranks in order; detached input, no gradient.
+    """(m, d) on each rank -> (world * m, d), ranks in order, with gradients to this rank's rows.
     Equal m on every rank (the distributed sampler drops the ragged tail)."""
     if world_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+    return _GatherBatch.apply(x)
+
+
+class _GatherBatch(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient of its own rows, times the world size.
+
+    Every rank computes the same loss from the gathered batch (the memory writer's similarity), so
+    the gradient of rank r's rows is complete on rank r; DistributedDataParallel then AVERAGES the
+    encoder gradients over the ranks, which would divide this term by the world size: multiplying
+    by it here gives the gradient one process sees on the whole batch."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world, rank = world_size(), torch.distributed.get_rank()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.world = slice(rank * x.shape[0], (rank + 1) * x.shape[0]), world
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad[ctx.rows] * ctx.world
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -115,10 +115,49 @@ def train_wordpiece_vocab(texts: Iterable[str], vocab_size: int) -> dict[str, in
     return {token: i for i, token in enumerate((base + words)[:max(vocab_size, len(base))])}
 
 
-def build_feature_extractor(cfg: ModelConfig):
-    """The audio feature extractor that travels with a checkpoint (normalisation contract)."""
+def build_feature_extractor(cfg: ModelConfig, pretrained: bool, given=None) -> tuple[object, dict]:
+    """The audio feature extractor that travels with a checkpoint, and the normalisation it implies
+    as ModelConfig fields {"do_normalize", "normalize_over"}.
+
+    It is `given` (a checkpoint's own), else the audio encoder's own (`preprocessor_config.json` of
+    the hub id or folder) when one is loaded, else transformers' Wav2Vec2FeatureExtractor defaults.
+    A config field set explicitly (not None) overrides the extractor, which is updated to match, so
+    the saved extractor always says what dmf computes."""
     from transformers import Wav2Vec2FeatureExtractor
 
-    return Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=cfg.sample_rate, padding_value=0.0,
-        do_normalize=cfg.do_normalize, return_attention_mask=False)
+    extractor = given
+    if extractor is None and pretrained and cfg.audio_encoder:
+        extractor = _encoder_feature_extractor(cfg.audio_encoder)
+    if extractor is None:
+        extractor = Wav2Vec2FeatureExtractor(sampling_rate=cfg.sample_rate)
+    _check_feature_extractor(extractor, cfg)
+    if cfg.do_normalize is not None:
+        extractor.do_normalize = cfg.do_normalize
+    if cfg.normalize_over is not None:
+        extractor.return_attention_mask = cfg.normalize_over == "real_samples"
+    resolved = {"do_normalize": bool(extractor.do_normalize),
+                "normalize_over": "real_samples" if extractor.return_attention_mask else "all"}
+    return extractor, resolved
+
+
+def _encoder_feature_extractor(name: str):
+    """The feature extractor of a hub id or local folder; None when a local folder has none."""
+    from pathlib import Path
+
+    from transformers import Wav2Vec2FeatureExtractor
+
+    if Path(name).is_dir() and not (Path(name) / "preprocessor_config.json").is_file():
+        return None
+    try:
+        return Wav2Vec2FeatureExtractor.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise EncoderError(f"cannot load the feature extractor of audio encoder {name!r}: {exc}") from None
+
+
+def _check_feature_extractor(extractor, cfg: ModelConfig) -> None:
+    """dmf's numpy pipeline (dmf.preprocess) resamples to cfg.sample_rate and pads mono with zeros."""
+    rate, pad, size = (getattr(extractor, k, None) for k in ("sampling_rate", "padding_value", "feature_size"))
+    if rate != cfg.sample_rate or pad != 0.0 or size != 1:
+        raise EncoderError(f"audio feature extractor (sampling_rate={rate}, padding_value={pad}, feature_size={size})"
+                           f" does not fit dmf's audio pipeline: expected sampling_rate={cfg.sample_rate} "
+                           "(model.sample_rate), padding_value=0.0, feature_size=1")

@@ -2,15 +2,19 @@
 
 Exportability is a switch, not a patch: `CompactBilinearPooling.use_dft_matrices` selects the
 DFT-matrix form (plain MatMuls, no FFT op) that ONNX/TensorRT need; the reader's eval path is the
-deterministic softmax. `DMFModel.exportable()` flips the switch on every submodule.
+deterministic softmax. `dmf.model.export_form(model)` sets the switch for the length of a block.
+
+The fusion always runs in float32, also inside a bf16 autocast region (`--precision bf16`): the
+FFT has no bf16 kernel, and the memory, its reads and the writer's top-k are where bf16's 8-bit
+mantissa would hurt most (scores over 120 slots, cosine similarities near 0).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dmf.config import ModelConfig
@@ -145,20 +149,33 @@ class Composer(nn.Module):
         return (self.norm1(self.attention1(p1)) + self.norm2(self.attention2(p2))) / 2
 
 
+class WrittenMemory(NamedTuple):
+    """What a writer produces in a training step: the new memory state and the top-k gates."""
+
+    memory: torch.Tensor  # (n, d) the kept rows, each scaled by its gate: M' of the paper
+    gate: torch.Tensor  # (n,) sigmoid(score) of each kept row; carries the gradient to the gPool projection
+
+
 class TopKPool(nn.Module):
     """Differentiable top-k pooling (Graph U-Nets gPool): score y = E p / ||p||, keep the k best
-    rows, each scaled by sigmoid(y) so the projection p receives gradients."""
+    rows, each scaled by its gate sigmoid(y). The gate is returned too: the paper's only loss on
+    the new memory is a cosine similarity, blind to row scale, so `dmf.loss` weights it by the gates
+    for p to learn (see `dmf.loss.memory_similarity`)."""
 
     def __init__(self, dim: int, k: int):
         super().__init__()
         self.k = k
         self.projection = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
 
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows: (N, d), N >= k -> (k, d)."""
-        scores = rows @ self.projection / self.projection.norm()  # (N,)
-        top, index = torch.topk(scores, self.k)
-        return rows[index] * torch.sigmoid(top)[:, None]
+    def scores(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows: (N, d) -> (N,) projections on the unit vector p / ||p||."""
+        return rows @ self.projection / self.projection.norm()
+
+    def forward(self, rows: torch.Tensor) -> WrittenMemory:
+        """rows: (N, d), N >= k -> the k best rows (k, d), gated, and their gates (k,)."""
+        top, index = torch.topk(self.scores(rows), self.k)
+        gate = torch.sigmoid(top)
+        return WrittenMemory(rows[index] * gate[:, None], gate)
 
 
 class MemoryWriter(nn.Module):
@@ -170,27 +187,24 @@ class MemoryWriter(nn.Module):
             cfg.embed_dim, cfg.writer_heads, cfg.writer_ff_dim, dropout=0.0, batch_first=True)
         self.pool = TopKPool(cfg.embed_dim, cfg.memory_slots)
 
-    def forward(self, memory: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        """memory: (n, d), batch: (m, d) -> new memory (n, d)."""
+    def forward(self, memory: torch.Tensor, batch: torch.Tensor) -> WrittenMemory:
+        """memory: (n, d), batch: (m, d) -> new memory (n, d) and its gates (n,)."""
         expanded = torch.cat([memory, batch], dim=0)[None]  # (1, n+m, d)
         return self.pool(self.transform(expanded)[0])
 
 
-def memory_similarity(memory: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity over the upper triangle (i < j) of an (n, d) memory: a scalar."""
-    unit = F.normalize(memory, dim=-1)
-    sim = unit @ unit.T  # (n, n)
-    n = memory.shape[0]
-    i, j = torch.triu_indices(n, n, offset=1, device=memory.device)
-    return sim[i, j].mean()
+def _full_precision(x: torch.Tensor):
+    """A region where autocast is off (bf16 training keeps the fusion in float32)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 class DualMemoryFusion(nn.Module):
     """Two memory blocks (buffers, not parameters), two cross-modal readers, composer, two writers.
 
-    Training forward computes the new memory states and keeps them pending; they are written into
-    the buffers at the start of the next training forward (paper: "assign it back ... at the
-    beginning of the next iteration"). Eval never writes memory.
+    `forward` reads the memory and fuses, in training and eval alike; it never writes. The
+    training step (`DMFModel.training_forward`) also calls `write`, which computes the new memory
+    states and keeps them pending; they are written into the buffers at the start of the next
+    training step (paper: "assign it back ... at the beginning of the next iteration").
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -205,7 +219,8 @@ class DualMemoryFusion(nn.Module):
         self.composer = Composer(cfg)
         self.write_audio = MemoryWriter(cfg)
         self.write_text = MemoryWriter(cfg)
-        self.pending_memory: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.writer_detach = cfg.writer_detach
+        self.pending_memory: tuple[torch.Tensor, torch.Tensor] | None = None  # (n, d) x2, detached
         self.out_dim = cfg.cbp_dim
 
     def commit_pending_memory(self) -> bool:
@@ -218,24 +233,27 @@ class DualMemoryFusion(nn.Module):
         self.pending_memory = None
         return True
 
-    def forward(self, x_a: torch.Tensor, x_t: torch.Tensor):
-        """x_a, x_t: (B, d) -> fused (B, D), plus the new memories (n, d) each in training."""
-        if self.training:
-            self.commit_pending_memory()
-        x_at = self.read_text(x_a, self.memory_text)  # text memory read with the audio embedding
-        x_ta = self.read_audio(x_t, self.memory_audio)
-        fused = self.composer(x_a, x_at, x_ta, x_t)
-        if not self.training:
-            return fused, None
-        new_memory = self.write_memories(x_a.detach(), x_t.detach())
-        self.pending_memory = (new_memory[0].detach(), new_memory[1].detach())
-        return fused, new_memory
+    def forward(self, x_a: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """x_a, x_t: (B, d) -> fused (B, D), float32."""
+        with _full_precision(x_a):
+            x_a, x_t = x_a.float(), x_t.float()
+            x_at = self.read_text(x_a, self.memory_text)  # text memory read with the audio embedding
+            x_ta = self.read_audio(x_t, self.memory_audio)
+            return self.composer(x_a, x_at, x_ta, x_t)
 
-    def write_memories(self, batch_audio: torch.Tensor, batch_text: torch.Tensor):
-        """The writer sees detached embeddings (it learns only through the similarity loss) of the
-        GLOBAL batch: under DDP every rank computes the same new memory, so memories never drift."""
-        return (self.write_audio(self.memory_audio, gather_batch(batch_audio)),
-                self.write_text(self.memory_text, gather_batch(batch_text)))
+    def write(self, x_a: torch.Tensor, x_t: torch.Tensor) -> tuple[WrittenMemory, WrittenMemory]:
+        """New memory states (audio, text) from the GLOBAL batch, kept pending (detached) for the next
+        step: under DDP every rank computes the same new memory, so memories never drift.
+
+        With `writer_detach` off (the default: the paper trains end to end and stops no gradient)
+        the similarity loss also reaches the encoders through x_a, x_t; on, it trains the writer only."""
+        if self.writer_detach:
+            x_a, x_t = x_a.detach(), x_t.detach()
+        with _full_precision(x_a):
+            written = (self.write_audio(self.memory_audio, gather_batch(x_a.float())),
+                       self.write_text(self.memory_text, gather_batch(x_t.float())))
+        self.pending_memory = (written[0].memory.detach(), written[1].memory.detach())
+        return written
 
 
 class ConcatFusion(nn.Module):
@@ -246,12 +264,13 @@ class ConcatFusion(nn.Module):
         self.mode = cfg.fusion
         self.out_dim = cfg.embed_dim * (2 if cfg.fusion == "naive" else 1)
 
-    def forward(self, x_a: torch.Tensor, x_t: torch.Tensor):
+    def forward(self, x_a: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """(B, d) each (None for an unused modality) -> (B, out_dim)."""
         if self.mode == "audio":
-            return x_a, None
+            return x_a
         if self.mode == "text":
-            return x_t, None
-        return torch.cat([x_a, x_t], dim=-1), None
+            return x_t
+        return torch.cat([x_a, x_t], dim=-1)
 
 
 class Classifier(nn.Module):

@@ -25,10 +25,11 @@ import soundfile as sf
 import soxr
 from tokenizers import Tokenizer
 
+from dmf.contract import NORMALIZE_OVER
+
 AudioSource = Union[str, Path, bytes, bytearray, memoryview, IO[bytes], np.ndarray]
 
 NORM_EPS = 1e-7  # the feature extractor's epsilon: keeps silence finite (0 / sqrt(1e-7) = 0)
-NORMALIZE_OVER = ("all", "real_samples")  # statistics over the padded clip | the samples before the padding
 
 # Bounds on what one clip may cost to decode (header-checked before any sample is decoded). With
 # mono=True and keep_seconds, a decode holds at most keep_seconds x MAX_SAMPLE_RATE float32 samples

@@ -1,9 +1,10 @@
 """torch -> ONNX: one end-to-end graph (encoders + frozen fusion + classifier) with a dynamic batch dim.
 
-The model is put in its export form first: `eval()` (reader = deterministic softmax, BatchNorm on
-running statistics, memory buffers read-only so the exporter folds them into constants) and
-`exportable(True)` (CBP as DFT matrices: MatMuls, no FFT/DFT op). A thin wrapper gives the exporter
-a module whose forward takes three positional tensors and returns exactly one tensor.
+The model is exported inside `with export_form(model):` (dmf.model): eval mode (reader =
+deterministic softmax, BatchNorm on running statistics, memory buffers read-only so the exporter
+folds them into constants), CBP as DFT matrices (MatMuls, no FFT/DFT op) and two-pass GroupNorm;
+the model is given back in its own form afterwards. A thin wrapper gives the exporter a module whose
+forward takes three positional tensors and returns exactly one tensor.
 """
 
 from __future__ import annotations
@@ -48,13 +49,6 @@ class FusionHead(nn.Module):
         return self.model.head(x_a, x_t)
 
 
-def prepare(model) -> nn.Module:
-    """The model in its export form (see module doc); returns the same object."""
-    model.eval()
-    model.exportable(True)
-    return model
-
-
 @contextlib.contextmanager
 def _quiet():
     """The exporter reports progress and benign notes (skipped torchvision ops, constant-folding
@@ -93,9 +87,10 @@ def export_onnx(model, path: str | Path, example: dict[str, np.ndarray]) -> Path
     path = Path(path)
     if len(example["audio"]) < 2:
         raise ValueError("trace with batch >= 2 (a size-1 batch is baked in as static)")
-    prepare(model)
+    from dmf.model import export_form
+
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[k])) for k in INPUT_NAMES)
-    with torch.no_grad():
+    with torch.no_grad(), export_form(model):
         _export(EndToEnd(model).eval(), args, path, INPUT_NAMES, OUTPUT_NAMES)
     check_io(path, {"audio": ("float32", example["audio"].shape[1]),
                     "input_ids": ("int64", example["input_ids"].shape[1]),
@@ -106,12 +101,13 @@ def export_onnx(model, path: str | Path, example: dict[str, np.ndarray]) -> Path
 
 def export_head(model, path: str | Path, batch: int = TRACE_BATCH) -> Path:
     """Export `model.head(x_a, x_t)` alone (fusion + classifier; inputs x_a, x_t: (batch, d))."""
+    from dmf.model import export_form
+
     path = Path(path)
-    prepare(model)
     d = model.model_config.embed_dim
     gen = torch.Generator().manual_seed(0)
     args = (torch.randn(max(batch, 2), d, generator=gen), torch.randn(max(batch, 2), d, generator=gen))
-    with torch.no_grad():
+    with torch.no_grad(), export_form(model):
         _export(FusionHead(model).eval(), args, path, ["x_a", "x_t"], OUTPUT_NAMES)
     return path
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from dmf.preprocess import AudioError, TextEncoder, TextError, normalize_audio, preprocess_audio, validate_text
+from dmf.preprocess import AudioError, TextEncoder, TextError, preprocess_audio, validate_text
 
 from dmf.contract import AUDIO_INPUT, IDS_INPUT, MASK_INPUT
 from dmf.contract import MAX_CLIP_SECONDS as DEFAULT_MAX_SECONDS
@@ -132,11 +132,11 @@ class Predictor:
             if isinstance(sample_rate, bool) or (sample_rate is not None and not isinstance(sample_rate, (int, np.integer))):
                 raise AudioError(f"sample_rate {sample_rate!r} is invalid: expected a positive integer")
             _check_not_empty(audio)
-            x = preprocess_audio(audio, sample_rate, target_rate=a.sample_rate, num_samples=a.input_samples,
-                                 normalize=False,
-                                 min_seconds=self.min_seconds if min_seconds is None else min_seconds,
-                                 max_seconds=self.max_seconds if max_seconds is None else max_seconds)
-            arrays[AUDIO_INPUT] = normalize_audio(x, a.eps) if a.do_normalize else x
+            arrays[AUDIO_INPUT] = preprocess_audio(
+                audio, sample_rate, target_rate=a.sample_rate, num_samples=a.input_samples,
+                normalize=a.do_normalize, normalize_over=a.normalize_over, eps=a.eps,  # dmf.json "normalisation"
+                min_seconds=self.min_seconds if min_seconds is None else min_seconds,
+                max_seconds=self.max_seconds if max_seconds is None else max_seconds)
         return arrays
 
     def infer(self, items: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:

@@ -29,6 +29,10 @@ def test_paper_defaults_are_the_papers():
     assert m.audio_encoder == "superb/wav2vec2-base-superb-sid" and m.text_encoder == "bert-base-uncased"
     t = preset("paper").train
     assert (t.optimizer, t.lr, t.memory_lr) == ("sgd", 0.01, 0.001)
+    assert t.grad_clip == 0.0 and t.precision == "fp32"  # the paper clips nothing (issue 11)
+    # preprocessing from the audio encoder's own feature extractor; the writer trained end to end
+    assert m.do_normalize is None and m.normalize_over is None
+    assert m.similarity_gated and not m.writer_detach
     tiny = preset("tiny").model
     assert tiny.audio_encoder is None and tiny.text_encoder is None  # no download
 
@@ -43,6 +47,10 @@ def test_paper_defaults_are_the_papers():
     ("train", "batch_size", 1, "train.batch_size"),
     ("train", "momentum", 1.0, "train.momentum"),
     ("data", "val_fraction", 0.9, "data.val_fraction"),
+    ("model", "normalize_over", "padding", "model.normalize_over"),
+    ("model", "do_normalize", "yes", "model.do_normalize"),
+    ("train", "precision", "fp16", "train.precision"),
+    ("train", "grad_clip", -1.0, "train.grad_clip"),
 ])
 def test_bad_value_names_field_and_range(section, field, value, needle):
     data = preset("tiny").to_dict()

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from dmf.config import preset
 from dmf.data.corpus import load_corpus
 from dmf.data.synth import synthesize
+from dmf.loss import DMFObjective
 from dmf.model import DMFModel
 from dmf.train import distributed
 from dmf.train.dataset import encode_utterances, loso_split
@@ -35,8 +36,10 @@ NORMS = ("norm1", "norm2")
 
 
 def small_config():
-    """Tiny preset, 0.5 s clips, 2 rows per rank per step (global batch 4)."""
-    return preset("tiny", max_audio_samples=8000).replace("train", batch_size=2, epochs=2, patience=2, seed=0)
+    """Tiny preset, 0.5 s clips, 2 rows per rank per step (global batch 4); no classifier dropout, so
+    one process on the global batch draws no other random numbers than the ranks (gradients compare)."""
+    return preset("tiny", max_audio_samples=8000, dropout=0.0).replace(
+        "train", batch_size=2, epochs=2, patience=2, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +93,24 @@ def _batchnorm_stats(model) -> dict:
             for n in NORMS}
 
 
-def _first_step_batchnorm(config, split, train, rows, ctx) -> dict:
-    """Running BatchNorm statistics after one noise-free training step on this rank's shard."""
+def _encoder_grads(model) -> torch.Tensor:
+    """The encoders' gradients as one vector: NLL plus, through the memory writer's all-gather, the
+    similarity term (the writer sees attached embeddings by default)."""
+    return torch.cat([p.grad.flatten() for n, p in model.named_parameters()
+                      if n.startswith(("audio_encoder.", "text_encoder.")) and p.grad is not None])
+
+
+def _first_step(config, split, train, rows, ctx) -> dict:
+    """Running BatchNorm statistics and encoder gradients after one noise-free training step on
+    this rank's shard (ctx: the rank's context; a one-process Context for the reference)."""
     from dmf.fusion import MemoryReader
 
     noisy, MemoryReader.read_weights = MemoryReader.read_weights, _noise_free_read
     try:
         model = _fresh_model(config, split)
         train_step(model, build_optimizer(model, config.train), train.rows(rows), config,
-                   distributed.wrap_model(model, ctx))
-        return _batchnorm_stats(model)
+                   distributed.wrap_model(DMFObjective(model), ctx))
+        return {"bn": _batchnorm_stats(model), "grads": _encoder_grads(model)}
     finally:
         MemoryReader.read_weights = noisy
 
@@ -115,9 +126,9 @@ def _steps_worker(rank: int, port: int, corpus_dir: str, out_dir: str) -> None:
         model = _fresh_model(config, split)
         train = encode_utterances(split.train, model)
         batches = rank_batches(len(train), config.train, 0, ctx)
-        record = {"memory": [], "rows": [], "bn": _first_step_batchnorm(config, split, train, batches[0], ctx)}
+        record = {"memory": [], "rows": [], **_first_step(config, split, train, batches[0], ctx)}
         optimizer = build_optimizer(model, config.train)
-        forward = distributed.wrap_model(model, ctx)
+        forward = distributed.wrap_model(DMFObjective(model), ctx)
         for step in range(STEPS):
             train_step(model, optimizer, train.rows(batches[step]), config, forward)
             distributed.check_memory_in_sync(model, 1, step + 1)  # raises if the ranks differ
@@ -137,7 +148,7 @@ def _steps_worker(rank: int, port: int, corpus_dir: str, out_dir: str) -> None:
         distributed.shutdown()
 
 
-def test_two_ranks_keep_one_memory_equal_to_the_global_batch(corpus_dir, tmp_path, monkeypatch):
+def test_two_ranks_keep_one_memory_equal_to_the_global_batch(corpus_dir, tmp_path):
     mp.start_processes(_steps_worker, args=(_free_port(), str(corpus_dir), str(tmp_path)), nprocs=WORLD,
                        start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
@@ -155,21 +166,22 @@ def test_two_ranks_keep_one_memory_equal_to_the_global_batch(corpus_dir, tmp_pat
     rows = torch.cat([ranks[0]["rows"][0], ranks[1]["rows"][0]])
     assert torch.equal(rows, epoch_batches(len(train), WORLD * config.train.batch_size, config.train.seed, 0)[0])
     model.train()
-    model(*train.rows(rows)[:3])  # the new memory: the Gumbel noise does not reach the writer's input
+    model.training_forward(*train.rows(rows)[:3])  # the new memory: the Gumbel noise does not reach the writer's input
     single = torch.cat([model.fusion.memory_audio, model.fusion.memory_text, *model.fusion.pending_memory])
     assert torch.allclose(ranks[0]["memory"][0], single, atol=1e-5), (ranks[0]["memory"][0] - single).abs().max()
 
-    from dmf.fusion import MemoryReader
-
-    monkeypatch.setattr(MemoryReader, "read_weights", _noise_free_read)
-    model = _fresh_model(config, split).train()
-    model(*train.rows(rows)[:3])
-    for name, (mean, var) in _batchnorm_stats(model).items():  # statistics of the global batch, both ranks
+    reference = _first_step(config, split, train, rows, distributed.Context())  # one process, global batch
+    for name, (mean, var) in reference["bn"].items():  # statistics of the global batch, both ranks
         for rank in ranks:
             assert torch.equal(rank["bn"][name][0], ranks[0]["bn"][name][0]), name
             assert torch.allclose(rank["bn"][name][0], mean, atol=1e-6), name
             assert torch.allclose(rank["bn"][name][1], var, atol=1e-5), name
         assert not torch.allclose(mean, torch.zeros_like(mean), atol=1e-6)  # a real update, not the init
+    # DDP-averaged encoder gradients equal one process's: the similarity term's share through the
+    # all-gather is scaled back by the world size (dmf.distributed._GatherBatch)
+    for rank in ranks:
+        diff = (rank["grads"] - reference["grads"]).abs().max()
+        assert diff <= 1e-5 * reference["grads"].abs().max(), diff
 
 
 # ------------------------------------------------------------------------------ kill one rank, resume

@@ -212,7 +212,7 @@ def test_artifact_loads_in_onnxruntime_and_matches_dmf_json(memory_artifact, che
     assert meta["engine"] == "onnx" and meta["precision"] == "fp32" and meta["model_file"] == "model.onnx"
     assert meta["max_batch"] == 16 and meta["labels"] == ["neu", "hap", "sad", "ang"]
     assert meta["input_samples"] == 80000 and meta["max_tokens"] == 30 and meta["sample_rate"] == 16000
-    assert meta["normalisation"] == {"do_normalize": True, "eps": 1e-07}
+    assert meta["normalisation"] == {"do_normalize": True, "eps": 1e-07, "over": "all"}
     # every listed file is there with its sha256; the source checkpoint's weights are fingerprinted
     assert set(meta["files"]) == {"model.onnx", "tokenizer.json", "parity.json"}
     for name, digest in meta["files"].items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dmf.train.loso import pooled_metrics
+from dmf.train.loso import loso_average, pooled_metrics
 from dmf.train.metrics import compute_metrics, plot_confusion
 
 LABELS = ("neu", "hap", "sad")
@@ -50,6 +50,15 @@ def test_pooled_over_predictions_not_mean_of_folds():
     assert pooled["wa"] == pytest.approx(5 / 6)  # mean of fold WAs would be (1 + 0.5) / 2
     assert pooled["ua"] == pytest.approx((1 + 0 + 1) / 3)
     assert pooled["confusion"] == [[4, 0, 0], [1, 0, 0], [0, 0, 1]]
+
+
+def test_loso_average_is_mean_and_std_over_folds():
+    folds = {2: {"wa": 0.5, "ua": 0.4, "macro_f1": 0.3, "weighted_f1": 0.2},
+             1: {"wa": 0.7, "ua": 0.8, "macro_f1": 0.5, "weighted_f1": 0.6}}
+    average = loso_average(folds)
+    assert average["folds"] == [1, 2] and average["std_ddof"] == 0
+    assert average["mean"] == pytest.approx({"wa": 0.6, "ua": 0.6, "macro_f1": 0.4, "weighted_f1": 0.4})
+    assert average["std"] == pytest.approx({"wa": 0.1, "ua": 0.2, "macro_f1": 0.1, "weighted_f1": 0.2})
 
 
 def test_confusion_png(tmp_path):

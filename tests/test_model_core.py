@@ -1,4 +1,4 @@
-"""Model core: CBP, reader, memory lifecycle, loss, gradients, checkpoints (issue 2)."""
+"""Model core: CBP, reader, memory lifecycle, loss, gradients, export form, checkpoints (issues 2, 10, 11)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from dmf.config import preset
-from dmf.fusion import CompactBilinearPooling, MemoryReader, TopKPool, memory_similarity
-from dmf.model import CheckpointError, DMFModel, dmf_loss
+from dmf.fusion import CompactBilinearPooling, MemoryReader, TopKPool, WrittenMemory
+from dmf.loss import DMFObjective, dmf_loss, memory_similarity
+from dmf.model import CheckpointError, DMFModel, export_form
 
 TEXTS = ["i am so happy today", "this is outrageous and i am furious", "i miss her so much",
          "i went to the store on tuesday"]
@@ -91,8 +92,9 @@ def test_topk_pool_keeps_k_best_rows_scaled_by_sigmoid():
     scores = rows @ pool.projection / pool.projection.norm()
     best = torch.topk(scores, 2).indices
     out = pool(rows)
-    assert out.shape == (2, 4)
-    assert torch.allclose(out, rows[best] * torch.sigmoid(scores[best])[:, None])
+    assert out.memory.shape == (2, 4) and out.gate.shape == (2,)
+    assert torch.allclose(out.gate, torch.sigmoid(scores[best]))
+    assert torch.allclose(out.memory, rows[best] * torch.sigmoid(scores[best])[:, None])
 
 
 # ------------------------------------------------------------------------------ memory lifecycle
@@ -111,13 +113,24 @@ def test_training_forward_writes_memory_only_when_next_step_begins():
     model = tiny_model().train()
     audio, ids, mask, labels = batch(model)
     m0 = model.memory_state["memory_audio"].clone()
-    _, new_memory = model(audio, ids, mask)
+    _, written = model.training_forward(audio, ids, mask)
     assert torch.equal(model.memory_state["memory_audio"], m0)  # still the old state
-    assert not torch.allclose(new_memory[0], m0)
-    pending = new_memory[0].detach().clone()
-    model(audio, ids, mask)  # next step begins: pending state written first
+    assert not torch.allclose(written[0].memory, m0)
+    pending = written[0].memory.detach().clone()
+    model(audio, ids, mask)  # a plain training-mode forward reads, never writes
+    assert torch.equal(model.memory_state["memory_audio"], m0)
+    model.training_forward(audio, ids, mask)  # next step begins: pending state written first
     assert torch.allclose(model.memory_state["memory_audio"], pending)
     assert not model.memory_state["memory_audio"].requires_grad
+
+
+@pytest.mark.parametrize("fusion", ["memory", "naive"])
+def test_forward_returns_one_tensor_in_training_and_eval(fusion):
+    model = tiny_model(fusion=fusion)
+    audio, ids, mask, _ = batch(model)
+    for training in (True, False):
+        out = model.train(training)(audio, ids, mask)
+        assert type(out) is torch.Tensor and out.shape == (4, 4)
 
 
 def test_memory_is_a_buffer_not_a_parameter():
@@ -135,12 +148,19 @@ def test_loss_equals_hand_computed_value():
     m_t = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [2.0, 0.0]])  # cosines: -1, 1, -1
     nll = -(torch.log(torch.tensor(0.7)) + torch.log(torch.tensor(0.2))) / 2
     sim = (0 + 2 / 2 ** 0.5) / 3 + (-1 + 1 - 1) / 3
-    total, parts = dmf_loss(log_probs, labels, (m_a, m_t), similarity_weight=1.0)
-    assert torch.allclose(total, nll + sim, atol=1e-6)
-    assert torch.allclose(parts["similarity"], torch.tensor(sim), atol=1e-6)
-    half, _ = dmf_loss(log_probs, labels, (m_a, m_t), similarity_weight=0.5)
-    assert torch.allclose(half, nll + 0.5 * sim, atol=1e-6)
+    equal = torch.full((3,), 0.5)  # equal gates: the gated mean is the paper's plain mean
+    written = (WrittenMemory(m_a, equal), WrittenMemory(m_t, equal))
+    for gated in (False, True):
+        out = dmf_loss(log_probs, labels, written, similarity_weight=1.0, gated=gated)
+        assert torch.allclose(out.total, nll + sim, atol=1e-6)
+        assert torch.allclose(out.similarity, torch.tensor(sim), atol=1e-6)
+    half = dmf_loss(log_probs, labels, written, similarity_weight=0.5)
+    assert torch.allclose(half.total, nll + 0.5 * sim, atol=1e-6)
     assert torch.allclose(memory_similarity(m_a), torch.tensor(2 / 2 ** 0.5 / 3), atol=1e-6)
+    # gates (1, 1, 0.5): pair weights (1, 0.5, 0.5) over cosines (0, 1/sqrt2, 1/sqrt2)
+    gated = memory_similarity(m_a, torch.tensor([1.0, 1.0, 0.5]))
+    assert torch.allclose(gated, torch.tensor((0.5 + 0.5) / 2 ** 0.5 / 2), atol=1e-6)
+    assert torch.equal(dmf_loss(log_probs, labels, None).total, dmf_loss(log_probs, labels, None).nll)
 
 
 # ------------------------------------------------------------------------------------- gradients
@@ -156,13 +176,13 @@ def _has_grad(grads, prefix):
     return any(g is not None and g.abs().sum() > 0 for g in hits)
 
 
-def test_gradients_flow_where_the_paper_says():
-    model = tiny_model().train()
+@pytest.mark.parametrize("detach", [False, True])
+def test_gradients_flow_where_the_paper_says(detach):
+    model = tiny_model(writer_detach=detach).train()
     audio, ids, mask, labels = batch(model, size=4)
-    log_probs, new_memory = model(audio, ids, mask)
-    _, parts = dmf_loss(log_probs, labels, new_memory)
+    log_probs, written = model.training_forward(audio, ids, mask)
     nll = F.nll_loss(log_probs, labels)
-    sim = sum(memory_similarity(m) for m in new_memory)
+    sim = sum(memory_similarity(w.memory, w.gate) for w in written)
 
     g = _grads(model, nll)
     for part in ("audio_encoder.wav2vec2.encoder", "text_encoder.bert.encoder", "fusion.read_text",
@@ -172,7 +192,11 @@ def test_gradients_flow_where_the_paper_says():
 
     g = _grads(model, sim)
     assert _has_grad(g, "fusion.write_audio") and _has_grad(g, "fusion.write_text")
-    assert not _has_grad(g, "classifier") and not _has_grad(g, "audio_encoder")
+    assert not _has_grad(g, "classifier") and not _has_grad(g, "fusion.composer")
+    # the writer's input: detached, the similarity loss stops at the writer; attached (the paper's
+    # end-to-end reading, the default), it also trains the encoders
+    for encoder in ("audio_encoder.wav2vec2.encoder", "text_encoder.bert.encoder"):
+        assert _has_grad(g, encoder) == (not detach), encoder
 
     frozen = [n for n, p in model.named_parameters()
               if "feature_extractor" in n or "bert.embeddings" in n]
@@ -197,14 +221,27 @@ def test_projection_maps_encoder_dims_to_fusion_dim():
     assert model.eval()(audio, ids, mask).shape == (4, 4)
 
 
-def test_exportable_switch_keeps_outputs():
-    model = tiny_model().eval()
+def test_export_form_keeps_outputs_and_is_undone_after_the_block():
+    model = tiny_model().train()
     audio, ids, mask, _ = batch(model)
     with torch.no_grad():
-        ref = model(audio, ids, mask)
-        out = model.exportable(True)(audio, ids, mask)
-    assert model.fusion.composer.cbp.use_dft_matrices
+        ref = model.eval()(audio, ids, mask)
+        model.train()
+        with export_form(model) as exported:
+            assert exported is model and not model.training
+            assert model.fusion.composer.cbp.use_dft_matrices
+            assert _group_norm_types(model) == {"ExportableGroupNorm"}
+            out = model(audio, ids, mask)
     assert torch.allclose(ref, out, atol=1e-5)
+    assert model.training and not model.fusion.composer.cbp.use_dft_matrices  # restored
+    assert _group_norm_types(model) == {"GroupNorm"}
+    with pytest.raises(RuntimeError, match="boom"), export_form(model):
+        raise RuntimeError("boom")
+    assert model.training and _group_norm_types(model) == {"GroupNorm"}  # restored on error too
+
+
+def _group_norm_types(model) -> set[str]:
+    return {type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -212,9 +249,9 @@ def test_save_and_load_round_trip_with_memory(tmp_path):
     model = tiny_model().train()
     audio, ids, mask, labels = batch(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    objective = DMFObjective(model)
     for _ in range(3):  # move memory and weights away from their init
-        log_probs, new_memory = model(audio, ids, mask)
-        dmf_loss(log_probs, labels, new_memory)[0].backward()
+        objective(audio, ids, mask, labels).total.backward()
         opt.step()
         opt.zero_grad()
     model.eval()
@@ -264,7 +301,8 @@ def test_dft_matrices_follow_loaded_sketches():
     audio, ids, mask, _ = batch(model)
     with torch.no_grad():
         ref = model(audio, ids, mask)
-        out = model.exportable(True)(audio, ids, mask)
+        with export_form(model):
+            out = model(audio, ids, mask)
     assert torch.allclose(ref, out, atol=1e-5)
 
 
@@ -278,11 +316,10 @@ def test_exportable_group_norm_equals_group_norm_and_keeps_parameters():
         ref.bias.normal_()
     ref.weight.requires_grad_(False)
     holder = torch.nn.Sequential(ref)
-    _swap_group_norms(holder)
+    undo = _swap_group_norms(holder)
     swapped = holder[0]
     assert isinstance(swapped, ExportableGroupNorm) and swapped.weight is ref.weight
     assert not swapped.weight.requires_grad  # frozen stays frozen
     x = torch.randn(3, 4, 15999) * 3 + 5  # odd length, offset mean: the cases a plain mean drifts on
     assert torch.allclose(swapped(x), torch.nn.functional.group_norm(x, 4, ref.weight, ref.bias), atol=1e-5)
-    swapped.two_pass = False
-    assert torch.equal(swapped(x), torch.nn.functional.group_norm(x, 4, ref.weight, ref.bias, ref.eps))
+    assert undo == [(holder, "0", ref)]

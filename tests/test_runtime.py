@@ -113,7 +113,8 @@ def test_parity_with_the_torch_checkpoint(rt, predictor):
     names = [f"good{i}.wav" for i in range(8)] + ["stereo.wav", "rate44k.wav", "long6s.wav"]
     texts = [TEXTS[i % len(TEXTS)] for i in range(len(names))]
     audio = np.stack([preprocess_audio(rt.clips[n], target_rate=cfg.sample_rate, num_samples=cfg.max_audio_samples,
-                                       normalize=cfg.do_normalize) for n in names])
+                                       normalize=cfg.do_normalize, normalize_over=cfg.normalize_over)
+                      for n in names])
     ids, mask = TextEncoder.from_file(rt.checkpoint / "tokenizer.json", cfg.max_tokens).encode(texts)
     # The runtime's preprocessing (parameters from dmf.json) gives the very same arrays.
     for i, n in enumerate(names):

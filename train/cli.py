@@ -23,6 +23,7 @@ from rich.console import Console
 
 from dmf.cliutil import fail
 from dmf.config import ConfigError, DMFConfig, preset
+from dmf.train.options import DEFAULT_TIMEOUT_S, MEMORY_CHECKS, FitOptions
 
 SECTIONS = ("model", "data", "train")
 
@@ -69,7 +70,8 @@ def _flag_layer(flags: dict) -> dict:
                   "text_encoder": flags["text_encoder"]},
         "data": {"path": flags["data"], "format": flags["format"], "seed": flags["seed"]},
         "train": {"epochs": flags["epochs"], "batch_size": flags["batch_size"], "optimizer": flags["optimizer"],
-                  "lr": flags["lr"], "seed": flags["seed"]},
+                  "lr": flags["lr"], "seed": flags["seed"], "grad_clip": flags.get("clip_grad"),
+                  "precision": flags.get("precision")},
     }
     layer = {name: {k: v for k, v in values.items() if v is not None} for name, values in sections.items()}
     for kind in ("audio", "text"):
@@ -100,24 +102,25 @@ def _print_summary(summary: dict, out: Path) -> None:
         table.add_row(key, session, str(m["n_test"]), f"{100 * m['wa']:.1f}", f"{100 * m['ua']:.1f}",
                       f"{m['macro_f1']:.3f}", speed)
     Console().print(table)
+    from dmf.train.report import average_line
+
+    Console().print(average_line(summary), highlight=False)
     Console().print(f"report: {out / 'report.md'}")
 
 
 def _run(flags: dict, preset_name: str, config_file: Path | None, fold: str, out: Path,
-         checkpoint_every: int, progress: bool, memory_check: str = "epoch") -> dict:
+         options: FitOptions) -> dict:
     from dmf.data.corpus import load_corpus
     from dmf.train.loso import run_training
-    from dmf.train.trainer import FitOptions
 
     config = build_config(preset_name, config_file, flags)
     folds = parse_folds(fold)
-    if checkpoint_every < 0:
-        raise ConfigError(f"--checkpoint-every {checkpoint_every}: expected an integer >= 0")
-    if memory_check not in ("epoch", "step"):
-        raise ConfigError(f"--memory-check {memory_check!r}: expected 'epoch' or 'step'")
+    if options.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every {options.checkpoint_every}: expected an integer >= 0")
+    if options.memory_check not in MEMORY_CHECKS:
+        raise ConfigError(f"--memory-check {options.memory_check!r}: expected one of {MEMORY_CHECKS}")
     corpus = load_corpus(config.data.path, config.data.format, labels=config.model.labels)
-    options = FitOptions(progress=progress, checkpoint_every=checkpoint_every, memory_check=memory_check,
-                         log=lambda line: Console().print(line, highlight=False))
+    options.log = lambda line: Console().print(line, highlight=False)
     return run_training(config, corpus, out, folds, options=options)
 
 
@@ -157,7 +160,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """What a user can cause (bad option, corpus, checkpoint, disk); anything else is a bug: traceback."""
     from dmf.data.corpus import DataError
     from dmf.encoders import EncoderError
-    from dmf.model import CheckpointError
+    from dmf.checkpoint import CheckpointError
     from dmf.preprocess import AudioError, TextError
 
     return (ConfigError, DataError, AudioError, TextError, CheckpointError, EncoderError, OSError)
@@ -179,13 +182,18 @@ def train(
     lr: Optional[float] = typer.Option(None, "--lr", help="Network learning rate."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seeds training and the validation split."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="JSON config (partial sections allowed)."),
-    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between resume states; 0: epoch ends."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    clip_grad: Optional[float] = typer.Option(None, "--clip-grad",
+                                              help="Max global gradient norm; 0: none (paper preset default)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 (autocast; fp32 weights)."),
+    device: str = typer.Option(FitOptions.device, "--device", help="auto (CUDA when visible) | cpu | cuda."),
+    checkpoint_every: int = typer.Option(FitOptions.checkpoint_every, "--checkpoint-every",
+                                         help="Steps between resume states; 0: epoch ends."),
+    progress: bool = typer.Option(FitOptions.progress, "--progress/--no-progress", help="Show progress bars."),
     nproc: int = typer.Option(1, "--nproc", help="Processes on this host (one per GPU), launched via torchrun; "
                                                  "--batch-size is per process."),
-    memory_check: str = typer.Option("epoch", "--memory-check",
+    memory_check: str = typer.Option(FitOptions.memory_check, "--memory-check",
                                      help="Several processes: compare the memory across ranks every 'epoch' or 'step'."),
-    dist_timeout: float = typer.Option(900.0, "--dist-timeout",
+    dist_timeout: float = typer.Option(DEFAULT_TIMEOUT_S, "--dist-timeout",
                                        help="Several processes: seconds a rank waits for the others before failing."),
 ) -> None:
     """Train and evaluate leave-one-session-out folds; re-running the same command resumes."""
@@ -194,11 +202,12 @@ def train(
         return
     flags = dict(data=str(data), format=format, fusion=fusion, audio_encoder=audio_encoder,
                  text_encoder=text_encoder, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-                 lr=lr, seed=seed)
+                 lr=lr, seed=seed, clip_grad=clip_grad, precision=precision)
     try:
         main = _join_group(nproc, dist_timeout)
-        summary = _run(flags, preset_name, config_file, fold, out, checkpoint_every, progress and main,
-                       memory_check)
+        options = FitOptions(progress=progress and main, checkpoint_every=checkpoint_every,
+                             memory_check=memory_check, device=device)
+        summary = _run(flags, preset_name, config_file, fold, out, options)
     except _user_errors() + (_distributed_error(),) as exc:
         fail(exc)
     except RuntimeError as exc:

@@ -95,21 +95,30 @@ class Batchable:
 
 
 class AudioCache:
-    """Preprocessed clips by utterance id (one decode per clip for all folds)."""
+    """Preprocessed clips by (preprocessing, utterance id): one decode per clip and setting for all
+    folds. The setting is the model's (`audio_kwargs`), whose normalisation comes from its encoder's
+    feature extractor, so the cache needs no config of its own."""
 
-    def __init__(self, cfg: ModelConfig):
-        self.kwargs = dict(target_rate=cfg.sample_rate, num_samples=cfg.max_audio_samples,
-                           normalize=cfg.do_normalize)
-        self.clips: dict[str, np.ndarray] = {}
+    def __init__(self):
+        self.clips: dict[tuple, np.ndarray] = {}
 
-    def load(self, utterances: Sequence[Utterance], progress: bool = False) -> None:
-        todo = [u for u in utterances if u.id not in self.clips]
+    def stack(self, utterances: Sequence[Utterance], cfg: ModelConfig, progress: bool = False) -> torch.Tensor:
+        """(N, S) float32 model inputs of `utterances` under `cfg`'s input contract."""
+        kwargs = audio_kwargs(cfg)
+        key = tuple(sorted(kwargs.items()))
+        todo = [u for u in utterances if (key, u.id) not in self.clips]
         for utt in _track(todo, "preprocessing audio", progress):
-            self.clips[utt.id] = preprocess_audio(utt.audio_path, **self.kwargs)  # (S,) float32
+            self.clips[(key, utt.id)] = preprocess_audio(utt.audio_path, **kwargs)  # (S,) float32
+        return torch.from_numpy(np.stack([self.clips[(key, u.id)] for u in utterances]))  # (N, S)
 
-    def stack(self, utterances: Sequence[Utterance], progress: bool = False) -> torch.Tensor:
-        self.load(utterances, progress)
-        return torch.from_numpy(np.stack([self.clips[u.id] for u in utterances]))  # (N, S)
+
+def audio_kwargs(cfg: ModelConfig) -> dict:
+    """dmf.preprocess settings of a (built model's, so resolved) config: what dmf.json records too."""
+    if cfg.do_normalize is None or cfg.normalize_over is None:
+        raise ConfigError("model.do_normalize / model.normalize_over are unresolved: take the config of a "
+                          "built DMFModel (it reads them from the audio encoder's feature extractor)")
+    return dict(target_rate=cfg.sample_rate, num_samples=cfg.max_audio_samples, normalize=cfg.do_normalize,
+                normalize_over=cfg.normalize_over)
 
 
 def text_encoder_for(model) -> TextEncoder:
@@ -131,9 +140,9 @@ def encode_utterances(utterances: Sequence[Utterance], model, audio: AudioCache 
     if not utterances:
         raise DataError("no utterances to encode")
     cfg = model.model_config
-    audio = audio or AudioCache(cfg)
+    audio = audio or AudioCache()
     ids, mask = text_encoder_for(model).encode([u.text for u in utterances])  # (N, L) each
-    return Batchable(audio=audio.stack(utterances, progress), input_ids=torch.from_numpy(ids),
+    return Batchable(audio=audio.stack(utterances, cfg, progress), input_ids=torch.from_numpy(ids),
                      attention_mask=torch.from_numpy(mask), labels=label_indices(utterances, cfg.labels),
                      ids=[u.id for u in utterances])
 

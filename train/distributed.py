@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-DEFAULT_TIMEOUT_S = 900.0  # a collective waiting longer than this fails (dead peer, rank-0 eval too slow)
+from dmf.train.options import DEFAULT_TIMEOUT_S
+
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
@@ -158,7 +159,8 @@ def _may_skip_layers(model: nn.Module) -> bool:
 
 
 def wrap_model(model: nn.Module, ctx: Context | None = None) -> nn.Module:
-    """DistributedDataParallel around `model` in a multi-process job, `model` itself otherwise.
+    """DistributedDataParallel around `model` (the trainer passes the model's `DMFObjective`, so the
+    loss is among DDP's outputs) in a multi-process job, `model` itself otherwise.
 
     broadcast_buffers=False: the buffers are kept equal by construction (memory written from the
     global batch, BatchNorm statistics all-reduced); re-broadcasting rank 0's copy every step would

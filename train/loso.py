@@ -3,7 +3,8 @@
 out_dir/
   config.json      the DMFConfig of the run (a re-run must use the same one)
   foldK/           complete checkpoint of fold K (best validation UA) + metrics.json + confusion.png
-  metrics.json     per fold + pooled over every finished fold's test predictions + throughput
+  metrics.json     per fold; "loso_average": mean +- std of each metric over the finished folds
+                   (the paper's "average"); "pooled": over all their test predictions; throughput
   report.md        the same as tables, with the paper's figures
 
 In a multi-process run (torchrun) every rank runs the folds together; rank 0 alone writes files.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from dmf.config import ConfigError, DMFConfig, atomic_write_text
 from dmf.data.corpus import Corpus, DataError
@@ -84,12 +87,25 @@ def pooled_metrics(folds: dict[int, dict]) -> dict:
     return compute_metrics(true, pred, labels)
 
 
+AVERAGED = ("wa", "ua", "macro_f1", "weighted_f1")  # the metrics averaged over folds
+
+
+def loso_average(folds: dict[int, dict]) -> dict:
+    """The paper's "average" of a LOSO run: mean and standard deviation over the folds of each
+    fold's own metrics (population std, ddof = 0: the folds are the whole protocol, not a sample)."""
+    values = {key: np.array([f[key] for _, f in sorted(folds.items())], dtype=np.float64) for key in AVERAGED}
+    return {"folds": sorted(folds), "std_ddof": 0,
+            "mean": {key: float(v.mean()) for key, v in values.items()},
+            "std": {key: float(v.std()) for key, v in values.items()}}
+
+
 def summarize(folds: dict[int, dict], n_sessions: int) -> dict:
     seconds = sum(f["train_seconds"] for f in folds.values())
     utterances = sum(f["trained_utterances"] for f in folds.values())
     per_fold = {str(k): {key: v for key, v in f.items() if key not in ("predictions", "history")}
                 for k, f in sorted(folds.items())}
-    return {"n_sessions": n_sessions, "folds": per_fold, "pooled": pooled_metrics(folds),
+    return {"n_sessions": n_sessions, "folds": per_fold, "loso_average": loso_average(folds),
+            "pooled": pooled_metrics(folds),
             "throughput": {"utterances_per_s": utterances / seconds if seconds > 0 else 0.0,
                            "seconds": seconds}}
 
@@ -108,7 +124,7 @@ def run_training(config: DMFConfig, corpus: Corpus, out_dir: str | Path, folds: 
     _check_labels(corpus, config)
     options = options or FitOptions(progress=progress)
     _check_run_config(out_dir, config)
-    audio = AudioCache(config.model)
+    audio = AudioCache()
     for fold in folds:
         run_fold(config, corpus, fold, out_dir, audio, options)
         distributed.barrier()  # rank 0 has written the fold's files before any rank reads them

@@ -21,30 +21,21 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import torch
 from torch import nn
 
+from dmf.checkpoint import CheckpointError
 from dmf.config import ConfigError, DMFConfig, TrainConfig, atomic_write_text
-from dmf.model import CheckpointError, DMFModel, dmf_loss, parameter_groups
+from dmf.loss import DMFObjective
+from dmf.model import DMFModel, parameter_groups
 from dmf.train import distributed
 from dmf.train.dataset import AudioCache, Batchable, FoldSplit, encode_utterances
 from dmf.train.metrics import compute_metrics
+from dmf.train.options import DEVICES, MEMORY_CHECKS, FitOptions
 
 RESUME_DIR = "_resume"
 RESUME_FORMAT = "dmf-resume-1"
-
-
-@dataclass
-class FitOptions:
-    """How a fold is run (not what is learnt: that is the DMFConfig)."""
-
-    progress: bool = True  # rich progress bars (epoch, step, loss, running accuracy)
-    checkpoint_every: int = 50  # optimizer steps between mid-epoch resume states; 0: epoch ends only
-    log: Callable[[str], None] | None = None  # receives one-line notes (resuming, epoch results); None: silent
-    memory_check: str = "epoch"  # multi-process runs: compare the memory across ranks every "epoch" or "step"
 
 
 @dataclass
@@ -113,23 +104,30 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def autocast(device: torch.device, precision: str):
+    """The step's autocast region: bf16 for `precision="bf16"` (weights, gradients and optimizer
+    state stay fp32; the fusion and the loss switch it off for themselves), a no-op for fp32."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def train_step(model: DMFModel, optimizer: torch.optim.Optimizer, batch: tuple, config: DMFConfig,
                forward: nn.Module | None = None) -> dict:
     """One optimizer step on (audio, ids, mask, labels); returns loss, nll and correct count.
-    `forward`: what runs the batch, the DistributedDataParallel wrapper of `model` under torchrun."""
-    forward = forward if forward is not None else model
+    `forward`: what runs the batch, the model's DMFObjective (wrapped by DistributedDataParallel
+    under torchrun); built here when not given."""
+    forward = forward if forward is not None else DMFObjective(model)
     device = _device_of(model)
     audio, ids, mask, labels = (t.to(device) for t in batch)
     forward.train()
-    log_probs, new_memory = forward(audio, ids, mask)  # (B, C), new memory (n, d) x2 or None
-    loss, parts = dmf_loss(log_probs, labels, new_memory, config.model.similarity_weight)
+    with autocast(device, config.train.precision):
+        out = forward(audio, ids, mask, labels)  # LossOutput: total, nll, similarity, log_probs (B, C)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    out.total.backward()
     if config.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.train.grad_clip)
     optimizer.step()
-    correct = int((log_probs.argmax(-1) == labels).sum())
-    return dict(loss=float(loss.detach()), nll=float(parts["nll"]), correct=correct, seen=len(labels))
+    correct = int((out.log_probs.argmax(-1) == labels).sum())
+    return dict(loss=float(out.total.detach()), nll=float(out.nll), correct=correct, seen=len(labels))
 
 
 @torch.no_grad()
@@ -287,7 +285,7 @@ class _Run:
     val: Batchable
     options: FitOptions
     ctx: distributed.Context = field(default_factory=distributed.Context)
-    forward: nn.Module | None = None  # the DDP wrapper of `model` in a multi-process run
+    forward: nn.Module | None = None  # the model's DMFObjective (DDP-wrapped in a multi-process run)
 
 
 def _global_step_stats(out: dict, ctx: distributed.Context) -> dict:
@@ -388,6 +386,28 @@ def _start(config: DMFConfig, split: FoldSplit, fold_dir: Path, options: FitOpti
     return model, build_optimizer(model, config.train), TrainState(world_size=ctx.world_size)
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device: auto (the current CUDA device when one is visible, else the CPU) | cpu | cuda."""
+    if name not in DEVICES:
+        raise ConfigError(f"--device {name!r}: expected one of {DEVICES}")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible to torch")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _run_context(options: FitOptions) -> distributed.Context:
+    """This process's context, on the device --device names (a multi-process run's backend has
+    already decided: NCCL gives each rank its GPU, gloo the CPU; a contradicting --device is refused)."""
+    ctx = distributed.context()
+    if not ctx.distributed:
+        return dataclasses.replace(ctx, device=resolve_device(options.device))
+    if options.device not in ("auto", ctx.device.type):
+        raise ConfigError(f"--device {options.device}: this torchrun job's backend runs on {ctx.device.type}")
+    return ctx
+
+
 def _options_for(options: FitOptions, ctx: distributed.Context) -> FitOptions:
     """Rank 0 shows progress and notes; the other ranks stay silent."""
     if ctx.is_main:
@@ -400,17 +420,18 @@ def fit(config: DMFConfig, split: FoldSplit, fold_dir: str | Path, audio: AudioC
     """Train one fold (resuming if a state exists), reload the best checkpoint, evaluate it on the
     test session. Returns the fold's metrics dict (also the content of foldK/metrics.json); in a
     multi-process run every rank trains its shard and returns rank 0's metrics."""
-    ctx = distributed.context()
-    options = _options_for(options or FitOptions(), ctx)
-    if options.memory_check not in ("epoch", "step"):
-        raise ConfigError(f"memory check {options.memory_check!r}: expected 'epoch' or 'step'")
+    options = options or FitOptions()
+    ctx = _run_context(options)
+    options = _options_for(options, ctx)
+    if options.memory_check not in MEMORY_CHECKS:
+        raise ConfigError(f"memory check {options.memory_check!r}: expected one of {MEMORY_CHECKS}")
     fold_dir = Path(fold_dir)
-    audio = audio or AudioCache(config.model)
+    audio = audio or AudioCache()
     model, optimizer, state = _start(config, split, fold_dir, options, ctx)
     train = encode_utterances(split.train, model, audio, options.progress)
     val = encode_utterances(split.val, model, audio, options.progress)
     run = _Run(config, fold_dir, model, optimizer, state, train, val, options, ctx,
-               distributed.wrap_model(model, ctx))
+               distributed.wrap_model(DMFObjective(model), ctx))
     with _progress(options.progress) as progress:
         task = progress.add_task("", total=1, loss=0.0, acc=0.0)
         while not run.state.stopped:
