@@ -334,7 +334,7 @@ def test_int8_export_through_cli_agrees_with_fp32(work, int8_cli, naive_artifact
     result, out = int8_cli
     assert result.exit_code == 0, result.output
     summary = result.stdout.strip().splitlines()[-1]
-    assert summary.startswith("exported onnx int8 naive model") and "int8 agreement with fp32" in summary
+    assert summary.startswith("exported onnx int8 naive model") and "agreement with fp32 1.000 on 16" in summary
     meta = json.loads((out / "dmf.json").read_text())
     parity = meta["parity"]
     assert meta["precision"] == "int8"
@@ -416,7 +416,7 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path, checkpoints):
     msg = _one_line_error(export_checkpoint, checkpoints["naive"], out, precision="fp64")
     assert "unknown precision 'fp64'" in msg
     msg = _one_line_error(export_checkpoint, checkpoints["naive"], out, engine="trt", precision="int8")
-    assert "int8" in msg and "onnx only" in msg
+    assert msg == "precision int8 is not available for engine trt (it offers fp32, fp16)"
     msg = _one_line_error(export_checkpoint, checkpoints["naive"], out, engine="tflite")
     assert "unknown engine" in msg
     assert not out.exists()
@@ -439,7 +439,7 @@ def test_cli_errors_are_one_red_line_and_exit_2(tmp_path, checkpoints):
         (["export", str(checkpoints["naive"]), "--out", str(tmp_path / "o"), "--precision", "fp64"],
          "unknown precision"),
         (["export", str(checkpoints["naive"]), "--out", str(tmp_path / "o"), "--engine", "trt",
-          "--precision", "int8"], "onnx only"),
+          "--precision", "int8"], "not available for engine trt"),
     ):
         result = runner.invoke(_cli_app(), args)
         assert result.exit_code == 2, result.output
@@ -532,20 +532,20 @@ def test_fp32_gate_refuses_a_perturbed_initializer(tmp_path, checkpoints, monkey
 def test_fp16_gate_refuses_a_broken_fp16_graph(tmp_path, checkpoints, monkeypatch):
     _damage(monkeypatch, "convert_fp16", _nudge_last_bias(0.2))
     msg = _refused(tmp_path, checkpoints["naive"], precision="fp16")
-    assert msg.startswith("fp16 export failed verification: max abs diff ") and "> 5e-02" in msg, msg
+    assert msg.startswith("onnx fp16 export failed verification: max abs diff ") and "> 5e-02" in msg, msg
     assert 0.099 <= _figure(msg, r"max abs diff (\S+) >") <= 0.202, msg  # 0.1..0.2, plus fp16 rounding
 
 
 def test_int8_verify_gate_refuses_a_quantisation_that_flips_labels(tmp_path, checkpoints, monkeypatch):
     _damage(monkeypatch, "quantize_int8", _flip_labels_where_audio_exceeds(-np.inf))  # every row
     msg = _refused(tmp_path, checkpoints["naive"], precision="int8")
-    assert msg == ("int8 export failed verification: argmax agreement with fp32 0.000 < 0.75 "
+    assert msg == ("onnx int8 export failed verification: argmax agreement with fp32 0.000 < 0.75 "
                    "on the verify inputs"), msg
 
 
 def test_int8_agreement_gate_refuses_flips_only_real_data_shows(tmp_path, checkpoints, monkeypatch):
     # labels flip only for rows with an audio sample above 50: none of the verify inputs (they pass
-    # the 0.75 sanity gate), 4 of the 16 agreement rows, so only the agreement gate can refuse
+    # the 0.75 sanity gate), 4 of the 16 agreement (held-out) rows, so only the accuracy gate can refuse
     _damage(monkeypatch, "quantize_int8", _flip_labels_where_audio_exceeds(50.0))
     model = DMFModel.from_pretrained(checkpoints["naive"])
     verify = verify_inputs(model.model_config, model.tokenizer, 8, seed=VERIFY_SEED)
@@ -554,8 +554,8 @@ def test_int8_agreement_gate_refuses_flips_only_real_data_shows(tmp_path, checkp
     data["audio"][:4, 100] = 60.0
     np.savez(tmp_path / "agreement.npz", **data)
     msg = _refused(tmp_path, checkpoints["naive"], precision="int8", agreement_data=tmp_path / "agreement.npz")
-    assert msg == ("int8 export failed agreement: argmax agreement with fp32 0.750 < 0.99 "
-                   "on 16 agreement samples"), msg
+    assert msg == ("onnx int8 export failed the accuracy gate on 16 held-out samples: "
+                   "argmax agreement with fp32 0.750 < 0.99"), msg
 
 
 def test_force_replaces_an_existing_artifact(tmp_path, naive_artifact, checkpoints):
