@@ -1,4 +1,7 @@
-"""`dmf bench` and `dmf demo`: parse options, call the library, render. Heavy imports stay inside."""
+"""`dmf bench` and `dmf demo`: parse options, call the library, render. Heavy imports stay inside.
+
+Errors print one red `error: ...` line on stderr and exit with status 2 (`dmf.cliutil.fail`).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +10,15 @@ from typing import List, Optional
 
 import typer
 
-from dmf.bench.bench import DEFAULT_ENGINES, ENGINES
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg="red", err=True)
-    raise typer.Exit(2)
+from dmf.bench.bench import DEFAULT_ENGINES, ENGINES, BenchError
+from dmf.cliutil import console, fail
 
 
 def _csv(value: str, cast=str) -> tuple:
     try:
         return tuple(cast(v.strip()) for v in value.split(",") if v.strip())
     except ValueError:
-        _fail(f"cannot parse {value!r} as a comma-separated list")
-        raise  # unreachable: _fail exits
+        fail(f"cannot parse {value!r} as a comma-separated list")
 
 
 def bench(
@@ -29,51 +27,91 @@ def bench(
     engines: str = typer.Option(",".join(DEFAULT_ENGINES), help="Engines, comma-separated: " + ", ".join(ENGINES) + "."),
     batch_sizes: str = typer.Option("1,8", help="Batch sizes, comma-separated."),
     fusion: str = typer.Option("memory,naive", help="Fusions to build with --preset."),
-    out: Optional[Path] = typer.Option(None, help="Write bench.json, bench.md and bench.png here."),
+    out: Optional[Path] = typer.Option(None, help="Write bench.json, bench.md and bench.png (batcher.json/.md) here."),
     threads: int = typer.Option(2, help="Intra-op threads for every engine."),
     warmup: int = typer.Option(2, help="Untimed warm-up calls per engine."),
     min_runs: int = typer.Option(10, help="Minimum timed rounds (each round times every engine once)."),
     min_seconds: float = typer.Option(2.0, help="Keep adding rounds until this much time has passed."),
     head: bool = typer.Option(True, "--head/--no-head", help="Also time the fusion head alone (memory vs naive)."),
+    batcher: bool = typer.Option(False, "--batcher", help="Instead: the runtime's micro-batcher under concurrent "
+                                 "load vs sequential batch-1 calls, on one ARTIFACT."),
+    requests: int = typer.Option(256, help="--batcher: timed requests per mode."),
+    concurrency: int = typer.Option(16, help="--batcher: client threads, one request in flight each."),
+    max_batch: int = typer.Option(8, help="--batcher: MicroBatcher max_batch."),
+    max_wait_ms: float = typer.Option(5.0, help="--batcher: MicroBatcher max_wait_ms."),
+    workers: int = typer.Option(2, help="--batcher: workers of the multi-worker configurations."),
 ) -> None:
-    """Latency and throughput per engine, fusion and batch size, against torch eager (same run) and
-    against the paper's 91 ms (memory) / 63 ms (naive) per sample."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    from dmf.bench.bench import BenchError, BenchOptions, artifact_cases, preset_cases, run_bench
-    from dmf.bench.bench import remove_work_dir, temporary_work_dir
-    from dmf.bench.measure import TimingOptions
-    from dmf.bench.render import rich_table, write_outputs
-
-    console = Console(stderr=True)
+    """Latency and throughput per engine, fusion and batch size, timed in interleaved rounds against
+    torch eager fp32 and torch bf16 autocast (paired ratios with 95 % intervals), and against the
+    paper's 91 ms (memory) / 63 ms (naive) per sample for paper-shaped models."""
+    if batcher:
+        if preset or len(artifacts or []) != 1:
+            fail("--batcher times one exported artifact: give exactly one ARTIFACT dir (no --preset)")
+        _batcher(artifacts[0], out, dict(requests=requests, concurrency=concurrency, max_batch=max_batch,
+                                         max_wait_ms=max_wait_ms, workers=workers))
+        return
     if bool(artifacts) == bool(preset):
-        _fail("give artifact dirs or --preset paper|tiny (one of the two)")
+        fail("give artifact dirs or --preset paper|tiny (one of the two)")
+    from dmf.bench.bench import BenchOptions
+    from dmf.bench.measure import TimingOptions
+
     try:
         options = BenchOptions(engines=_csv(engines), batch_sizes=_csv(batch_sizes, int), fusions=_csv(fusion),
                                threads=threads, head=head,
                                timing=TimingOptions(warmup=warmup, min_runs=min_runs, min_seconds=min_seconds))
-        work = temporary_work_dir() if preset else None
-        try:
-            with console.status("dmf bench") as status:
-                say = lambda msg: (status.update(escape(msg)), console.log(msg, markup=False))  # noqa: E731
-                cases = (preset_cases(preset, options.fusions, options.engines, work, say) if preset
-                         else artifact_cases(list(artifacts)))
-                result = run_bench(cases, options, progress=say)
-        finally:
-            if work is not None:
-                remove_work_dir(work)
-    except Exception as exc:  # library errors are one-liners; show them without a traceback
-        if type(exc).__name__ in ("BenchError", "ConfigError", "ArtifactError", "ExportError", "CheckpointError"):
-            _fail(str(exc))
-        raise
-    Console().print(rich_table(result))
-    for skip in result["skipped"]:
-        console.print(f"skipped {skip['engine']} ({skip['fusion']}): {skip['reason']}", style="yellow", markup=False)
+    except BenchError as exc:
+        fail(exc)
+    _bench(list(artifacts or []), preset, options, out)
+
+
+def _bench(artifacts: list[Path], preset: str | None, options, out: Path | None) -> None:
+    from rich.markup import escape
+
+    from dmf.bench.bench import artifact_cases, preset_cases, remove_work_dir, run_bench, temporary_work_dir
+    from dmf.bench.render import print_result, write_outputs
+    from dmf.checkpoint import CheckpointError
+    from dmf.config import ConfigError
+    from dmf.export import ExportError
+    from dmf.runtime.artifact import ArtifactError
+    from dmf.runtime.engines import EngineError
+
+    err = console()
+    work = temporary_work_dir() if preset else None
+    try:
+        with err.status("dmf bench") as status:
+            say = lambda msg: (status.update(escape(msg)), err.log(msg, markup=False))  # noqa: E731
+            cases = (preset_cases(preset, options.fusions, options.engines, work, say) if preset
+                     else artifact_cases(artifacts))
+            result = run_bench(cases, options, progress=say)
+    except (BenchError, ConfigError, ArtifactError, ExportError, CheckpointError, EngineError) as exc:
+        fail(exc)
+    finally:
+        if work is not None:
+            remove_work_dir(work)
+    print_result(console(stderr=False), result)
     if out:
         paths = write_outputs(result, out)
-        console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    _ = BenchError  # imported for the error names above
+        err.print(f"wrote {', '.join(str(p) for p in paths.values())}", markup=False)
+
+
+def _batcher(artifact: Path, out: Path | None, settings: dict) -> None:
+    """Torch-free: runs on a runtime-only install."""
+    from dmf.bench.batcher import BatcherOptions, run_batcher
+    from dmf.bench.render import print_batcher, write_batcher_outputs
+    from dmf.runtime.artifact import ArtifactError
+    from dmf.runtime.engines import EngineError
+
+    err = console()
+    try:
+        options = BatcherOptions(**settings)
+        with err.status(f"dmf bench --batcher {artifact}"):
+            result = run_batcher(artifact, options)
+    except (BenchError, ArtifactError, EngineError) as exc:
+        fail(exc)
+    print_batcher(console(stderr=False), result)
+    if out:
+        paths = write_batcher_outputs(result, out)
+        err.print(f"wrote {', '.join(str(p) for p in paths.values())}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

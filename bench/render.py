@@ -1,78 +1,303 @@
-"""Turn a bench result dict into a rich table, bench.json, bench.md and a latency plot."""
+"""Turn a `dmf bench` result dict into rich tables, bench.json, bench.md and a latency plot.
+
+Every table is built once as a `Section` (title, headers, rows of strings, caption) and then
+written either as a rich table (terminal) or as markdown (bench.md, demo.md), so the two never
+disagree.
+"""
 
 from __future__ import annotations
 
 import json
+import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from dmf.bench.bench import BASELINES, ENGINES
 from dmf.config import atomic_write_bytes, atomic_write_text
 
 COLUMNS = [  # (key, header, format): narrow headers so the table fits an 80-column terminal
     ("engine", "engine", "{}"), ("fusion", "fusion", "{}"), ("batch_size", "B", "{}"),
     ("p50_ms_per_sample", "p50 ms", "{:.1f}"), ("p95_ms_per_sample", "p95", "{:.1f}"),
     ("p99_ms_per_sample", "p99", "{:.1f}"), ("throughput_per_s", "/s", "{:.1f}"),
-    ("speedup_vs_torch", "xtorch", "{:.2f}"), ("speedup_vs_paper", "xpaper", "{:.2f}"),
-    ("peak_fraction", "peak", "{:.0%}"),
+    ("speedup_vs_torch", "xtorch", "{:.2f}"), ("speedup_vs_torch_bf16", "xbf16", "{:.2f}"),
+    ("speedup_vs_paper", "xpaper", "{:.2f}"), ("peak_fraction", "peak", "{:.0%}"),
 ]
+HEAD_TARGET_MS = 1.0  # the fusion head's budget per sample (benchmark issue)
+FUSION_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple")  # memory, naive, then any other fusion
 
 
+@dataclass
+class Section:
+    """One table: rendered by `rich_tables` and `markdown` alike."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    caption: str = ""
+    text_columns: int = 1  # leading columns aligned left (names); the rest are figures, aligned right
+
+
+# ------------------------------------------------------------------------------ figures as text
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     return "-" if value is None else fmt.format(value)
 
 
-def rich_table(result: dict):
+def format_ratio(ratio: dict | None) -> str:
+    """'2.31x [2.20, 2.45]': median of per-round ratios and its 95 % interval."""
+    if not ratio:
+        return "-"
+    low, high = ratio["ci95"]
+    return f"{ratio['median']:.2f}x [{low:.2f}, {high:.2f}]"
+
+
+def format_excess(ratio: dict) -> str:
+    """'+1.2 % [-0.4, +2.9]': a time ratio (memory / naive) as the extra time it costs."""
+    low, high = ratio["ci95"]
+    return f"{100 * (ratio['median'] - 1):+.1f} % [{100 * (low - 1):+.1f}, {100 * (high - 1):+.1f}]"
+
+
+def columns(result: dict) -> list[tuple[str, str, str]]:
+    """The row table's columns; xpaper only for paper-shaped models (a tiny model's "13x the
+    paper" would read as a claim about the paper's model)."""
+    return [c for c in COLUMNS if c[0] != "speedup_vs_paper" or result.get("paper_ms_per_sample")]
+
+
+def machine_lines(result: dict) -> list[str]:
+    """The CPU line (model, cores, ISA flags that matter) and the software the figures came from."""
+    m = result["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())
+    threads = f"{m['threads']} threads per engine; " if m.get("threads") else ""
+    return [f"CPU: {m.get('cpu_line') or m.get('cpu')}",
+            f"{threads}Python {m.get('python', '?')}" + (f"; {versions}" if versions else "")]
+
+
+def _engine_order(name: str) -> int:
+    return ENGINES.index(name) if name in ENGINES else len(ENGINES)
+
+
+# ------------------------------------------------------------------------------------ sections
+def rows_section(result: dict) -> Section:
+    cols = columns(result)
+    caption = ("p50/p95/p99: ms per sample; /s: samples per second at p50; xtorch / xbf16: p50 speedup vs "
+               "torch eager fp32 / torch bf16 autocast in the same run (paired ratios below)")
+    if result.get("paper_ms_per_sample"):
+        caption += "; xpaper: vs the paper's 91 (memory) / 63 (naive) ms on NVIDIA M40/T4 GPUs"
+    caption += "; peak: share of the measured fp32 GEMM peak (fp32 engines)"
+    return Section("Latency per sample", [h for _, h, _ in cols],
+                   [[_cell(r, k, f) for k, _, f in cols] for r in result["rows"]], caption, text_columns=2)
+
+
+def _speedups(result: dict, best_only: bool) -> dict[tuple, dict[str, dict]]:
+    """(engine, fusion, batch) -> {baseline: paired ratio}."""
+    out: dict[tuple, dict[str, dict]] = {}
+    for r in result.get("ratios") or []:
+        if r["kind"] == "speedup" and (r["best"] or not best_only):
+            out.setdefault((r["engine"], r["fusion"], r["batch_size"]), {})[r["baseline"]] = r
+    return dict(sorted(out.items(), key=lambda kv: (kv[0][2], kv[0][1], _engine_order(kv[0][0]))))
+
+
+def best_section(result: dict) -> Section:
+    rows = [[fusion, str(batch), engine, *(format_ratio(by.get(b)) for b in BASELINES)]
+            for (engine, fusion, batch), by in _speedups(result, best_only=True).items()]
+    return Section("Best engine vs the baselines", ["fusion", "B", "best engine", *(f"vs {b}" for b in BASELINES)],
+                   rows, "speedup = baseline time / engine time: median of per-round ratios [95 % bootstrap "
+                   "interval]; best = lowest median latency among the non-baseline engines", text_columns=3)
+
+
+def speedup_section(result: dict) -> Section:
+    rows = [[engine, fusion, str(batch), *(format_ratio(by.get(b)) for b in BASELINES)]
+            for (engine, fusion, batch), by in _speedups(result, best_only=False).items()]
+    return Section("Each engine vs each baseline", ["engine", "fusion", "B", *(f"vs {b}" for b in BASELINES)],
+                   rows, "median of per-round paired ratios [95 % bootstrap interval]", text_columns=2)
+
+
+def memory_section(result: dict) -> Section:
+    ratios = sorted((r for r in result.get("ratios") or [] if r["kind"] == "memory_vs_naive"),
+                    key=lambda r: (r["batch_size"], _engine_order(r["engine"])))
+    return Section("Memory fusion vs naive fusion, end to end", ["engine", "B", "memory vs naive"],
+                   [[r["engine"], str(r["batch_size"]), format_excess(r)] for r in ratios],
+                   "extra time of memory fusion per round (memory / naive - 1), median [95 % interval]; "
+                   "the paper: +44 % (91 vs 63 ms)")
+
+
+def head_section(result: dict) -> Section:
+    head = result.get("head") or {}
+    rows = [[batch, *(_cell(h, k, "{:.3f}") for k in ("memory", "naive")), _cell(h, "memory_minus_naive_ms", "{:+.3f}")]
+            for batch, h in sorted(head.items(), key=lambda kv: int(kv[0]))]
+    return Section("Fusion head alone (after the encoders, onnx engine)",
+                   ["B", "memory ms", "naive ms", "difference ms"], rows,
+                   f"ms per sample at p50; difference: median per-round memory - naive; "
+                   f"target: memory head <= {HEAD_TARGET_MS:g} ms per sample")
+
+
+def skipped_lines(result: dict) -> list[str]:
+    return [f"{s['engine']} ({s['fusion']}): {s['reason']}" for s in result.get("skipped") or []]
+
+
+def sections(result: dict) -> list[Section]:
+    """Every non-empty table of a bench result, in reading order."""
+    all_ = [rows_section(result), best_section(result), speedup_section(result), memory_section(result),
+            head_section(result)]
+    return [s for s in all_ if s.rows]
+
+
+# ------------------------------------------------------------------------------ rich / markdown
+def rich_tables(secs: list[Section]) -> list:
     from rich import box
     from rich.table import Table
 
-    table = Table(title="dmf bench (latency in ms per sample)", box=box.SIMPLE_HEAD,
-                  caption="xtorch / xpaper: speedup vs torch eager (same run) / the paper's 91 or 63 ms; "
-                          "peak: share of the measured GEMM peak",
-                  padding=(0, 1))
-    for _, header, _ in COLUMNS:
-        table.add_column(header, justify="left" if header in ("engine", "fusion") else "right", no_wrap=True,
-                         min_width=len(header))
-    for row in result["rows"]:
-        table.add_row(*[_cell(row, key, fmt) for key, _, fmt in COLUMNS])
-    return table
+    tables = []
+    for s in secs:
+        table = Table(title=s.title, caption=s.caption, box=box.SIMPLE_HEAD, padding=(0, 1))
+        for i, header in enumerate(s.headers):
+            table.add_column(header, justify="left" if i < s.text_columns else "right", no_wrap=True,
+                             min_width=len(header))
+        for row in s.rows:
+            table.add_row(*row)
+        tables.append(table)
+    return tables
+
+
+def print_result(console, result: dict) -> None:
+    """The CPU line, every table, then what was skipped and why."""
+    for line in machine_lines(result):
+        console.print(line, markup=False)
+    for table in rich_tables(sections(result)):
+        console.print(table)
+    for line in skipped_lines(result):
+        console.print(f"skipped {line}", style="yellow", markup=False)
+
+
+def markdown_sections(secs: list[Section]) -> list[str]:
+    lines = []
+    for s in secs:
+        lines += ["", f"## {s.title}", "", "| " + " | ".join(s.headers) + " |",
+                  "|" + "".join("---|" if i < s.text_columns else "---:|" for i in range(len(s.headers)))]
+        lines += ["| " + " | ".join(row) + " |" for row in s.rows]
+        lines += ["", s.caption] if s.caption else []
+    return lines
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = ["# dmf bench", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, Python {m['python']}.", ""]
+    lines = ["# dmf bench", "", *(f"{line}  " for line in machine_lines(result)), ""]
     if result.get("matmul_peak_gflops"):
         lines.append(f"Measured fp32 GEMM peak: {result['matmul_peak_gflops']:.1f} GFLOP/s.")
     for fusion, flops in (result.get("flops_per_sample") or {}).items():
         if flops:
             lines.append(f"Model FLOPs per sample ({fusion}): {flops / 1e9:.2f} GFLOP.")
-    lines += ["", "Paper: 91 ms (memory) / 63 ms (naive) per sample on NVIDIA M40/T4 GPUs.", "",
-              "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-              "|" + "---|" * len(COLUMNS)]
-    for row in result["rows"]:
-        lines.append("| " + " | ".join(_cell(row, k, f) for k, _, f in COLUMNS) + " |")
+    if result.get("paper_ms_per_sample"):
+        lines += ["", "Paper: 91 ms (memory) / 63 ms (naive) per sample on NVIDIA M40/T4 GPUs."]
+    else:
+        lines += ["", "Not the paper's model shape: no comparison with the paper's 91 / 63 ms."]
+    lines += markdown_sections(sections(result))
     if result.get("skipped"):
-        lines += ["", "Skipped:", ""]
-        lines += [f"- {s['engine']} ({s['fusion']}): {s['reason']}" for s in result["skipped"]]
-    overhead = memory_overhead(result)
-    if overhead:
-        lines += ["", "Memory fusion over naive fusion (p50 per sample, same engine and batch):", ""]
-        lines += [f"- {k}: {v:+.1f}%" for k, v in overhead.items()]
+        lines += ["", "## Skipped", ""] + [f"- {line}" for line in skipped_lines(result)]
     return "\n".join(lines) + "\n"
 
 
-def memory_overhead(result: dict) -> dict[str, float]:
-    """{"onnx b1": +1.2, ...}: the cost of memory fusion over naive, in percent (paper: +44%)."""
-    p50 = {(r["engine"], r["fusion"], r["batch_size"]): r["p50_ms_per_sample"] for r in result["rows"]}
-    out = {}
-    for (engine, fusion, batch), value in p50.items():
-        naive = p50.get((engine, "naive", batch))
-        if fusion == "memory" and naive:
-            out[f"{engine} b{batch}"] = 100.0 * (value / naive - 1.0)
-    return out
+# ---------------------------------------------------------------------------------------- plot
+def _baseline_for_labels(rows: list[dict]) -> str | None:
+    """The baseline written on the bars: torch-bf16 when it ran, else torch, else none."""
+    engines = {r["engine"] for r in rows}
+    return next((b for b in reversed(BASELINES) if b in engines), None)
+
+
+def bar_label(result: dict, row: dict, baseline: str | None) -> str:
+    """'2.3x bf16': the paired ratio when there is one, else the ratio of the p50s."""
+    if baseline is None:
+        return ""
+    if row["engine"] == baseline:
+        return "baseline"
+    paired = next((r["median"] for r in result.get("ratios") or [] if r["kind"] == "speedup"
+                   and (r["engine"], r["baseline"], r["fusion"], r["batch_size"])
+                   == (row["engine"], baseline, row["fusion"], row["batch_size"])), None)
+    value = paired if paired is not None else row.get(f"speedup_vs_{baseline.replace('-', '_')}")
+    short = "bf16" if baseline == "torch-bf16" else baseline
+    return "" if value is None else f"{value:.1f}x {short}"
+
+
+def _bar_plot(fig, ax, result: dict) -> None:
+    """One batch size: a horizontal bar per (engine, fusion), fusions side by side per engine."""
+    rows = result["rows"]
+    engines = sorted({r["engine"] for r in rows}, key=_engine_order)
+    fusions = sorted({r["fusion"] for r in rows}, key=lambda f: (f != "memory", f != "naive", f))
+    baseline = _baseline_for_labels(rows)
+    height = 0.8 / len(fusions)
+    right = max(r["p95_ms_per_sample"] for r in rows)
+    for j, fusion in enumerate(fusions):
+        mine = sorted((r for r in rows if r["fusion"] == fusion), key=lambda r: _engine_order(r["engine"]))
+        ys = [engines.index(r["engine"]) + (j - (len(fusions) - 1) / 2) * height for r in mine]
+        p50 = [r["p50_ms_per_sample"] for r in mine]
+        err = [[r["p50_ms_per_sample"] - r["p5_ms_per_sample"] for r in mine],
+               [r["p95_ms_per_sample"] - r["p50_ms_per_sample"] for r in mine]]
+        ax.barh(ys, p50, height=height * 0.9, xerr=err, capsize=3, label=fusion,
+                color=FUSION_COLOURS[j % len(FUSION_COLOURS)], error_kw={"elinewidth": 1, "ecolor": "black"})
+        for y, r in zip(ys, mine):
+            ax.text(r["p95_ms_per_sample"] + right * 0.015, y, bar_label(result, r, baseline), va="center", fontsize=8)
+    for fusion, ms in (result.get("paper_ms_per_sample") or {}).items():
+        colour = FUSION_COLOURS[fusions.index(fusion) % len(FUSION_COLOURS)] if fusion in fusions else "grey"
+        ax.axvline(ms, color=colour, linestyle=":", linewidth=1.2, label=f"paper {fusion}: {ms:g} ms (GPU)")
+        right = max(right, ms)
+    ax.set_yticks(range(len(engines)), engines)
+    ax.invert_yaxis()  # engines read top-down in the bench's order, torch first
+    ax.set_xlim(0, right * 1.25)  # room for the labels after the whiskers
+    ax.set_xlabel("ms per sample (bar: p50; whiskers: p5-p95)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.set_size_inches(8, 1.8 + 0.55 * len(engines) * max(1.0, len(fusions) / 1.5))
+
+
+def _line_plot(fig, ax, result: dict) -> None:
+    """Several batch sizes: p50 latency per sample vs batch, one line per (engine, fusion), the
+    p5-p95 band shaded; batch sizes are the x ticks."""
+    from matplotlib.ticker import NullLocator
+
+    rows = result["rows"]
+    series: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        series.setdefault((r["engine"], r["fusion"]), []).append(r)
+    for (engine, fusion), points in sorted(series.items(), key=lambda kv: (_engine_order(kv[0][0]), kv[0][1])):
+        points.sort(key=lambda r: r["batch_size"])
+        xs = [r["batch_size"] for r in points]
+        colour = f"C{_engine_order(engine) % 10}"
+        ax.plot(xs, [r["p50_ms_per_sample"] for r in points], marker="o", color=colour,
+                linestyle="-" if fusion == "memory" else "--", label=f"{engine} / {fusion}")
+        ax.fill_between(xs, [r["p5_ms_per_sample"] for r in points], [r["p95_ms_per_sample"] for r in points],
+                        color=colour, alpha=0.08, linewidth=0)
+    for fusion, ms in (result.get("paper_ms_per_sample") or {}).items():
+        ax.axhline(ms, color="grey", linewidth=0.8, linestyle=":")
+        ax.text(0.01, ms, f"paper {fusion}: {ms:g} ms (GPU)", transform=ax.get_yaxis_transform(), fontsize=8,
+                color="grey", va="bottom")
+    batches = sorted({r["batch_size"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.xaxis.set_minor_locator(NullLocator())
+    values = [r[k] for r in rows for k in ("p5_ms_per_sample", "p95_ms_per_sample")]
+    _readable_y_axis(ax, values + list((result.get("paper_ms_per_sample") or {}).values()))
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("ms per sample (line: p50; band: p5-p95)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a line
+    fig.set_size_inches(10, 5)
+
+
+def _readable_y_axis(ax, values: list[float]) -> None:
+    """Linear from 0 when the values are within 20x of each other; else a log axis ticked
+    1 2 5 10 20 50 ... in plain numbers (not 10^1)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    if max(values) / max(min(values), 1e-9) > 20:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.set_ylim(0, max(values) * 1.1)
 
 
 def plot(result: dict, path: Path) -> None:
+    """bench.png: bars for one batch size, latency-vs-batch lines for several; written atomically."""
     import io
 
     import matplotlib
@@ -80,24 +305,12 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for r in result["rows"]:
-        series.setdefault((r["engine"], r["fusion"]), []).append((r["batch_size"], r["p50_ms_per_sample"]))
-    for (engine, fusion), points in sorted(series.items()):
-        points.sort()
-        ax.plot([b for b, _ in points], [v for _, v in points], marker="o",
-                linestyle="-" if fusion == "memory" else "--", label=f"{engine} / {fusion}")
-    for fusion, ms in result.get("paper_ms_per_sample", {}).items():
-        ax.axhline(ms, color="grey", linewidth=0.8, linestyle=":")
-        ax.text(0.01, ms, f"paper {fusion}: {ms:.0f} ms", transform=ax.get_yaxis_transform(),
-                fontsize=8, color="grey", va="bottom")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("p50 latency per sample (ms)")
-    ax.set_title("dmf bench")
-    ax.legend(fontsize=8)
+    fig, ax = plt.subplots()
+    batches = sorted({r["batch_size"] for r in result["rows"]})
+    (_bar_plot if len(batches) == 1 else _line_plot)(fig, ax, result)
+    where = f", batch {batches[0]}" if len(batches) == 1 else ""
+    cpu = textwrap.fill(result["machine"].get("cpu_line") or "", 90)
+    ax.set_title(f"dmf bench{where}: latency per sample\n{cpu}", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
@@ -106,10 +319,46 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
+    """bench.json, bench.md and (when anything was timed) bench.png under out_dir, each atomically."""
     out_dir = Path(out_dir)
-    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md", "png": out_dir / "bench.png"}
+    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md"}
     atomic_write_text(paths["json"], json.dumps(result, indent=2, default=str))
     atomic_write_text(paths["md"], markdown(result))
     if result["rows"]:
+        paths["png"] = out_dir / "bench.png"
         plot(result, paths["png"])
+    return paths
+
+
+# ------------------------------------------------------------------------------------ batcher
+def batcher_section(result: dict) -> Section:
+    """`dmf bench ARTIFACT --batcher`: sequential batch-1 calls against the micro-batcher."""
+    rows = [[f"sequential batch-1 {name}", f"{r['throughput_rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}",
+             f"{r['p99_ms']:.1f}", "1.0", "-"] for name, r in result["sequential"].items()]
+    rows += [[f"batcher x{r['concurrency']} clients, workers={r['workers']}, threads={r['threads']}, "
+              f"max_batch={r['max_batch']}", f"{r['throughput_rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}",
+              f"{r['p99_ms']:.1f}", f"{r['mean_batch_size']:.1f}", f"{r['speedup_vs_baseline']:.2f}x"]
+             for r in result["batcher"]]
+    engine = result.get("engine") or {}
+    return Section(f"Micro-batcher: {result['artifact']} ({engine.get('name')}, {engine.get('providers')})",
+                   ["mode", "req/s", "p50 ms", "p95", "p99", "batch", "speedup"], rows,
+                   f"latency per request, submit to result; best speedup vs {result['baseline']}: "
+                   f"{result['speedup']:.2f}x")
+
+
+def print_batcher(console, result: dict) -> None:
+    for line in machine_lines(result):
+        console.print(line, markup=False)
+    for table in rich_tables([batcher_section(result)]):
+        console.print(table)
+
+
+def write_batcher_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
+    """batcher.json and batcher.md under out_dir, each atomically."""
+    out_dir = Path(out_dir)
+    paths = {"json": out_dir / "batcher.json", "md": out_dir / "batcher.md"}
+    atomic_write_text(paths["json"], json.dumps(result, indent=2, default=str))
+    md = ["# dmf bench --batcher", "", *(f"{line}  " for line in machine_lines(result)),
+          *markdown_sections([batcher_section(result)])]
+    atomic_write_text(paths["md"], "\n".join(md) + "\n")
     return paths

@@ -1,91 +1,303 @@
-"""dmf bench: rows, relative columns, skipped engines, outputs (issue 6). No timed assertions:
-speed targets are reported by the benchmark, never asserted."""
+"""dmf bench: the ratio maths, interleaved rounds, run_bench on tiny models (torch, onnx, openvino,
+a skipped engine), the outputs (bench.json, bench.md, the plot), the CLI's one-line errors and the
+micro-batcher option. No timed assertions: speed targets are reported by the benchmark, never
+asserted; every figure checked here is recomputed from the timings the run returned.
+
+Everything runs at threads=1: on this shared 2-core machine two threads per engine spin against
+the other jobs' threads and a tiny model's call goes from ~10 ms to over a second.
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from dmf.bench.bench import BenchError, BenchOptions, Case, preset_cases, run_bench
-from dmf.bench.measure import TimingOptions, latency_stats, time_calls
-from dmf.bench.render import markdown, memory_overhead, write_outputs
+from dmf.bench.bench import (BenchError, BenchOptions, Case, compute_ratios, export_for_engines, is_paper_shaped,
+                             run_bench)
+from dmf.bench.measure import TimingOptions, latency_stats, paired_ratio, time_calls, time_rounds
+from dmf.bench.render import bar_label, columns, format_excess, format_ratio, markdown, plot, write_outputs
+from dmf.cli import app
+from dmf.config import ModelConfig, preset
+from dmf.cpuinfo import cpu_info
+from dmf.model import DMFModel
 
-FAST = TimingOptions(warmup=1, min_runs=2, min_seconds=0.0)
+FAST = TimingOptions(warmup=1, min_runs=3, min_seconds=0.0)
+TEXTS = ["i am so happy today", "this is terrible news", "leave me alone", "what a surprise", "okay fine"]
+AUDIO_SAMPLES = 4000  # 0.25 s: the tiny encoders at a quarter of a second keep every call a few ms
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _noisy(center: float, n: int, seed: int, spread: float = 0.05) -> np.ndarray:
+    return center * np.exp(np.random.default_rng(seed).normal(0.0, spread, n))
+
+
+# ----------------------------------------------------------------------------- ratio maths
+@pytest.mark.parametrize("slowed", ["both", "numerator", "denominator"])
+def test_one_slowed_round_does_not_flip_a_ratio(slowed):
+    """Nine rounds say the baseline takes 2x the engine's time; one round 50x slower (for both
+    sides of the pair, or for one side only: a burst that hit one call) leaves the ratio at ~2."""
+    base, engine = _noisy(2.0, 9, seed=1), _noisy(1.0, 9, seed=2)
+    if slowed in ("both", "numerator"):
+        base[4] *= 50
+    if slowed in ("both", "denominator"):
+        engine[4] *= 50
+    r = paired_ratio(base, engine)
+    assert r["median"] == pytest.approx(2.0, rel=0.1) and r["rounds"] == 9
+    low, high = r["ci95"]
+    assert 1.5 < low <= r["median"] <= high < 2.7  # neither flipped below 1 nor blown up by the 100x round
+
+
+def test_interval_contains_the_median_and_narrows_with_rounds():
+    widths = []
+    for rounds in (8, 64, 512):
+        r = paired_ratio(_noisy(3.0, rounds, seed=rounds, spread=0.2), _noisy(1.0, rounds, seed=rounds + 1, spread=0.2))
+        low, high = r["ci95"]
+        assert low <= r["median"] <= high
+        widths.append(high - low)
+    assert widths[0] > widths[1] > widths[2]
+    again = paired_ratio(_noisy(3.0, 8, seed=8, spread=0.2), _noisy(1.0, 8, seed=9, spread=0.2))
+    assert again["ci95"] == paired_ratio(_noisy(3.0, 8, seed=8, spread=0.2),
+                                         _noisy(1.0, 8, seed=9, spread=0.2))["ci95"]  # seeded bootstrap
+
+
+def test_unequal_or_empty_series_are_refused():
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_ratio(np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_ratio(np.ones(0), np.ones(0))
+
+
+def test_time_rounds_interleaves_and_rotates_the_order():
+    calls: list[str] = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    times = time_rounds(fns, TimingOptions(warmup=1, min_runs=3, min_seconds=0.0, max_runs=3))
+    assert calls[:3] == list("abc")  # one warm-up call each
+    assert calls[3:] == list("abc" "bca" "cab")  # round r starts at key r mod n
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all((v >= 0).all() for v in times.values())
+
+
+def test_time_calls_meets_minimum_runs_and_stops_at_max():
+    calls = []
+    assert len(time_calls(lambda: calls.append(1), TimingOptions(warmup=2, min_runs=5, min_seconds=0.0))) == 5
+    assert len(calls) == 7
+    capped = time_calls(lambda: None, TimingOptions(warmup=0, min_runs=1, min_seconds=60.0, max_runs=4))
+    assert len(capped) == 4  # max_runs wins over min_seconds
+
+
+def test_latency_stats_per_batch_and_per_sample():
+    seconds = np.arange(1, 101) / 1000.0  # 1..100 ms
+    s = latency_stats(seconds, batch_size=4)
+    p5, p50, p95, p99 = np.percentile(seconds * 1000, [5, 50, 95, 99])
+    assert s["runs"] == 100 and s["p50_ms_per_batch"] == pytest.approx(p50)
+    assert s["p5_ms_per_sample"] == pytest.approx(p5 / 4) and s["p99_ms_per_sample"] == pytest.approx(p99 / 4)
+    assert s["p95_ms_per_sample"] == pytest.approx(p95 / 4)
+    assert s["throughput_per_s"] == pytest.approx(4 / (p50 / 1000))
+
+
+def test_compute_ratios_picks_the_best_engine_and_memory_vs_naive():
+    n = 12
+    times = {}
+    for i, (name, ms) in enumerate({"torch": 10.0, "torch-bf16": 5.0, "onnx": 4.0, "openvino": 2.0}.items()):
+        times[(name, "memory")] = _noisy(ms, n, seed=i)
+        times[(name, "naive")] = _noisy(ms / 1.25, n, seed=10 + i)  # memory costs +25 % everywhere
+    ratios = compute_ratios(times, batch=2)
+    speedups = [r for r in ratios if r["kind"] == "speedup"]
+    assert {(r["engine"], r["baseline"], r["fusion"]) for r in speedups} == {
+        (e, b, f) for e in ("onnx", "openvino") for b in ("torch", "torch-bf16") for f in ("memory", "naive")}
+    best = {(r["fusion"], r["baseline"]): r for r in speedups if r["best"]}
+    assert len(best) == 4 and all(r["engine"] == "openvino" for r in best.values())
+    assert best[("memory", "torch")]["median"] == pytest.approx(5.0, rel=0.1)
+    assert best[("memory", "torch-bf16")]["median"] == pytest.approx(2.5, rel=0.1)
+    memory = {r["engine"]: r for r in ratios if r["kind"] == "memory_vs_naive"}
+    assert set(memory) == {"torch", "torch-bf16", "onnx", "openvino"}
+    assert all(r["median"] == pytest.approx(1.25, rel=0.1) and r["batch_size"] == 2 for r in memory.values())
+    assert format_excess(memory["onnx"]).startswith("+2")  # "+25.x % [...]"
+
+
+def test_compute_ratios_without_a_baseline_or_a_pair():
+    ratios = compute_ratios({("onnx", "memory"): _noisy(1.0, 5, 0)}, batch=1)
+    assert ratios == []  # no baseline timed, no naive twin: nothing to pair
+
+
+# ------------------------------------------------------------------------------- tiny cases
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> list[Case]:
+    """Random-weight tiny models at 0.25 s of audio: memory exported to onnx and openvino (and trt,
+    which cannot be built here); naive runs on torch only (memory vs naive pairs on the torch
+    engines). Exports are most of this module's time: two of them."""
+    work = tmp_path_factory.mktemp("bench")
+    out = []
+    for fusion, engines in (("memory", ("onnx", "openvino", "trt")), ("naive", ())):
+        torch.manual_seed(0)
+        cfg = preset("tiny", fusion=fusion, max_audio_samples=AUDIO_SAMPLES)
+        ckpt = DMFModel(cfg, texts=TEXTS, pretrained=False).eval().save_pretrained(work / f"{fusion}-ckpt")
+        case = Case(fusion=fusion, checkpoint=ckpt)
+        export_for_engines(case, engines, work / fusion, lambda _msg: None)
+        out.append(case)
+    return out
 
 
 @pytest.fixture(scope="module")
-def tiny_cases(tmp_path_factory):
-    work = tmp_path_factory.mktemp("bench")
-    return preset_cases("tiny", ("memory",), ("torch", "onnx", "trt"), work)
+def result(cases) -> dict:
+    options = BenchOptions(engines=("torch", "torch-bf16", "onnx", "openvino", "trt"), batch_sizes=(1, 2),
+                           threads=1, timing=FAST, measure_peak=False)
+    return run_bench(cases, options)
 
 
-def test_run_bench_rows_and_relative_columns(tiny_cases, tmp_path):
-    options = BenchOptions(engines=("torch", "onnx", "trt"), batch_sizes=(1, 2), timing=FAST, measure_peak=False)
-    result = run_bench(tiny_cases, options)
-    rows = {(r["engine"], r["batch_size"]): r for r in result["rows"]}
-    assert set(rows) == {("torch", 1), ("torch", 2), ("onnx", 1), ("onnx", 2)}
-    for (engine, batch), row in rows.items():
-        assert row["fusion"] == "memory" and row["runs"] >= 2
+def test_run_bench_rows(result):
+    bf16 = cpu_info().bf16
+    expected = {(e, "memory", b) for e in ("torch", "onnx", "openvino") for b in (1, 2)}
+    expected |= {("torch", "naive", b) for b in (1, 2)}
+    if bf16:
+        expected |= {("torch-bf16", f, b) for f in ("memory", "naive") for b in (1, 2)}
+    rows = {(r["engine"], r["fusion"], r["batch_size"]): r for r in result["rows"]}
+    assert set(rows) == expected
+    for (engine, fusion, batch), row in rows.items():
+        assert row["runs"] >= FAST.min_runs
         assert row["p50_ms_per_sample"] == pytest.approx(row["p50_ms_per_batch"] / batch)
-        assert row["p50_ms_per_sample"] <= row["p95_ms_per_sample"] <= row["p99_ms_per_sample"]
+        assert row["p5_ms_per_sample"] <= row["p50_ms_per_sample"] <= row["p95_ms_per_sample"] <= row["p99_ms_per_sample"]
         assert row["throughput_per_s"] == pytest.approx(1000.0 / row["p50_ms_per_sample"])
-        torch_ms = rows[("torch", batch)]["p50_ms_per_sample"]
+        torch_ms = rows[("torch", fusion, batch)]["p50_ms_per_sample"]
         assert row["speedup_vs_torch"] == pytest.approx(torch_ms / row["p50_ms_per_sample"])
-        assert row["speedup_vs_paper"] == pytest.approx(91.0 / row["p50_ms_per_sample"])
-    assert result["flops_per_sample"]["memory"] > 0
-    skipped = {s["engine"]: s["reason"] for s in result["skipped"]}
-    assert "trt" in skipped and "TensorRT" in skipped["trt"]  # no GPU here: listed, with why
+        assert (row["speedup_vs_torch_bf16"] is not None) == bf16
+        assert row["speedup_vs_paper"] is None and row["peak_fraction"] is None  # tiny model, no peak measured
+    assert result["paper_ms_per_sample"] is None
 
+
+def test_run_bench_skips_with_reasons(result):
+    skipped = {(s["engine"], s["fusion"]): s["reason"] for s in result["skipped"]}
+    assert "TensorRT" in skipped[("trt", "memory")]  # no GPU / tensorrt here: listed, with why
+    assert "no openvino artifact given" in skipped[("openvino", "naive")] and ("onnx", "naive") in skipped
+    if cpu_info().bf16:
+        assert ("torch-bf16", "memory") not in skipped
+    else:
+        assert "no native bf16" in skipped[("torch-bf16", "memory")]
+
+
+def test_run_bench_ratios_and_head(result):
+    speedups = [r for r in result["ratios"] if r["kind"] == "speedup"]
+    for fusion, batch in (("memory", 1), ("memory", 2), ("naive", 1), ("naive", 2)):
+        mine = [r for r in speedups if (r["fusion"], r["batch_size"]) == (fusion, batch) and r["baseline"] == "torch"]
+        assert {r["engine"] for r in mine} == ({"onnx", "openvino"} if fusion == "memory" else set())
+        assert sum(r["best"] for r in mine) == (fusion == "memory")
+        for r in mine:
+            assert r["ci95"][0] <= r["median"] <= r["ci95"][1] and r["rounds"] >= FAST.min_runs
+    memory = {(r["engine"], r["batch_size"]) for r in result["ratios"] if r["kind"] == "memory_vs_naive"}
+    assert {("torch", 1), ("torch", 2)} <= memory
+    assert ("onnx", 1) not in memory  # only the memory model has artifacts
+    for batch in ("1", "2"):
+        head = result["head"][batch]
+        assert head["memory"] > 0 and head["naive"] > 0 and np.isfinite(head["memory_minus_naive_ms"])
+    machine = result["machine"]
+    assert machine["cpu_line"] == cpu_info().line() and {"torch", "onnxruntime", "openvino"} <= set(machine["versions"])
+
+
+def test_outputs_json_markdown_and_plots(result, tmp_path):
     paths = write_outputs(result, tmp_path)
     saved = json.loads(paths["json"].read_text())
-    for key in ("engine", "fusion", "batch_size", "p50_ms_per_sample", "p95_ms_per_sample",
-                "p99_ms_per_sample", "throughput_per_s", "speedup_vs_torch"):
-        assert all(key in row for row in saved["rows"])
-    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "91 ms (memory)" in paths["md"].read_text() and "trt (memory)" in paths["md"].read_text()
+    assert saved["rows"] == json.loads(json.dumps(result["rows"])) and saved["ratios"]
+    md = paths["md"].read_text()
+    assert result["machine"]["cpu_line"] in md and "onnxruntime" in md  # CPU line and versions
+    assert "xpaper" not in md and "91 / 63 ms" in md  # tiny: no "Nx the paper" column
+    assert "xbf16" in md and "## Best engine vs the baselines" in md and "## Fusion head alone" in md
+    assert "## Memory fusion vs naive fusion" in md and "trt (memory): TensorRT" in md
+    best = next(r for r in result["ratios"] if r["kind"] == "speedup" and r["best"])
+    assert format_ratio(best) in md
+    assert paths["png"].read_bytes()[:8] == PNG  # two batch sizes: latency vs batch
+    one = {**result, "rows": [r for r in result["rows"] if r["batch_size"] == 1]}
+    plot(one, tmp_path / "one.png")  # one batch size: bars
+    assert (tmp_path / "one.png").read_bytes()[:8] == PNG and (tmp_path / "one.png").stat().st_size > 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md", "bench.png", "one.png"]
+
+
+def test_paper_shaped_results_get_the_paper_column_and_lines(result, tmp_path):
+    paper = {**result, "paper_ms_per_sample": {"memory": 91.0, "naive": 63.0},
+             "rows": [dict(r, speedup_vs_paper=91.0 / r["p50_ms_per_sample"]) for r in result["rows"]
+                      if r["batch_size"] == 1]}
+    assert "speedup_vs_paper" in [c[0] for c in columns(paper)]
+    assert "speedup_vs_paper" not in [c[0] for c in columns(result)]
+    assert "| xpaper |" in markdown(paper) and "91 ms (memory) / 63 ms (naive)" in markdown(paper)
+    plot(paper, tmp_path / "paper.png")
+    assert (tmp_path / "paper.png").read_bytes()[:8] == PNG
+
+
+def test_bar_labels_use_bf16_when_it_ran_else_torch():
+    row = {"engine": "onnx", "fusion": "memory", "batch_size": 1, "speedup_vs_torch": 2.04, "speedup_vs_torch_bf16": 1.1}
+    ratio = {"kind": "speedup", "engine": "onnx", "baseline": "torch-bf16", "fusion": "memory", "batch_size": 1,
+             "median": 1.26}
+    assert bar_label({"ratios": [ratio]}, row, "torch-bf16") == "1.3x bf16"  # the paired ratio wins
+    assert bar_label({"ratios": []}, row, "torch-bf16") == "1.1x bf16"  # else the p50 ratio
+    assert bar_label({"ratios": []}, row, "torch") == "2.0x torch"
+    assert bar_label({"ratios": []}, dict(row, engine="torch"), "torch") == "baseline"
+    assert bar_label({"ratios": []}, row, None) == ""
 
 
 def test_peak_fraction_uses_flops_and_peak():
-    rows = [{"engine": "onnx", "fusion": "memory", "batch_size": 1, **latency_stats([0.01, 0.01], 1)}]
     from dmf.bench.bench import _add_relative_columns
 
-    _add_relative_columns(rows, {"memory": 2e9}, peak=400.0)  # 2 GFLOP x 100/s = 200 GFLOP/s
-    assert rows[0]["gflops_per_s"] == pytest.approx(200.0)
-    assert rows[0]["peak_fraction"] == pytest.approx(0.5)
+    rows = [{"engine": e, "fusion": "memory", "batch_size": 1, **latency_stats(np.array([0.01, 0.01]), 1)}
+            for e in ("onnx", "onnx-int8")]
+    _add_relative_columns(rows, {"memory": 2e9}, peak=400.0, paper=True)  # 2 GFLOP x 100/s = 200 GFLOP/s
+    assert rows[0]["gflops_per_s"] == pytest.approx(200.0) and rows[0]["peak_fraction"] == pytest.approx(0.5)
+    assert rows[1]["peak_fraction"] is None  # int8 work is not fp32 FLOPs
     assert rows[0]["speedup_vs_torch"] is None  # no torch row in this run
+    assert rows[0]["speedup_vs_paper"] == pytest.approx(91.0 / 10.0)
 
 
-def test_memory_overhead_against_naive():
-    result = {"rows": [
-        {"engine": "onnx", "fusion": "memory", "batch_size": 1, "p50_ms_per_sample": 103.0},
-        {"engine": "onnx", "fusion": "naive", "batch_size": 1, "p50_ms_per_sample": 100.0},
-    ]}
-    assert memory_overhead(result) == {"onnx b1": pytest.approx(3.0)}
+def test_is_paper_shaped():
+    from dataclasses import asdict
+
+    paper = asdict(ModelConfig())
+    assert is_paper_shaped(paper)
+    assert not is_paper_shaped(asdict(preset("tiny").model))
+    assert not is_paper_shaped(dict(paper, text_encoder_config={"hidden_size": 384}))
+    assert not is_paper_shaped(dict(paper, max_audio_samples=48000))
 
 
-def test_timing_meets_minimum_runs():
-    calls = []
-    seconds = time_calls(lambda: calls.append(1), TimingOptions(warmup=2, min_runs=5, min_seconds=0.0))
-    assert len(seconds) == 5 and len(calls) == 7
+# ------------------------------------------------------------------------------------- CLI
+def _one_line_error(args: list[str], *needles: str) -> None:
+    result = CliRunner().invoke(app, args)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in lines[0], result.output
 
 
-def test_bad_options_are_one_line_errors():
+def test_bad_options_are_one_line_errors(tmp_path):
     with pytest.raises(BenchError, match="unknown engine"):
         BenchOptions(engines=("torch", "tpu"))
     with pytest.raises(BenchError, match="batch sizes"):
         BenchOptions(batch_sizes=(0,))
-    from dmf.cli import app
+    _one_line_error(["bench", "--preset", "tiny", "--engines", "torch,tpu"], "unknown engine", "tpu")
+    _one_line_error(["bench", "--preset", "tiny", "--batch-sizes", "0"], "batch sizes")
+    _one_line_error(["bench", "--preset", "tiny", "--batch-sizes", "1,x"], "'1,x'")
+    _one_line_error(["bench"], "--preset")
+    _one_line_error(["bench", str(tmp_path / "missing")], "missing")  # ArtifactError, caught by type
+    _one_line_error(["bench", "--batcher", "--preset", "tiny"], "exactly one ARTIFACT")
 
-    result = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--engines", "torch,tpu"])
-    assert result.exit_code == 2 and "unknown engine" in result.output
 
-
-def test_missing_artifact_engine_is_skipped_with_reason(tiny_cases):
-    case = Case(fusion="memory", checkpoint=None)
-    result = run_bench([case], BenchOptions(engines=("torch", "onnx-int8"), batch_sizes=(1,), timing=FAST,
-                                            measure_peak=False))
-    reasons = {s["engine"]: s["reason"] for s in result["skipped"]}
-    assert result["rows"] == [] and "checkpoint" in reasons["torch"] and "onnx-int8" in reasons["onnx-int8"]
-    assert "Skipped" in markdown({**result, "machine": result["machine"]})
+def test_batcher_option_times_one_artifact(cases, tmp_path):
+    artifact = cases[0].artifacts["onnx"]
+    _one_line_error(["bench", str(artifact), "--batcher", "--requests", "0"], "requests")
+    args = ["bench", str(artifact), "--batcher", "--requests", "4", "--concurrency", "2", "--max-batch", "2",
+            "--workers", "2", "--out", str(tmp_path)]
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    assert "Micro-batcher" in run.output and "CPU:" in run.output
+    saved = json.loads((tmp_path / "batcher.json").read_text())
+    assert set(saved["sequential"]) == {"threads=1", "threads=default"} and len(saved["batcher"]) == 3
+    for row in [*saved["sequential"].values(), *saved["batcher"]]:
+        assert row["requests"] == 4 and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["throughput_rps"] == pytest.approx(row["requests"] / row["seconds"])
+    base = max(r["throughput_rps"] for r in saved["sequential"].values())
+    assert saved["speedup"] == pytest.approx(max(r["throughput_rps"] for r in saved["batcher"]) / base)
+    assert [r["max_batch"] for r in saved["batcher"]] == [2, 2, 2] and saved["batcher"][0]["workers"] == 1
+    assert all(1 <= r["mean_batch_size"] <= 2 for r in saved["batcher"])
+    assert saved["engine"]["name"] == "onnx" and saved["machine"]["cpu_line"] in (tmp_path / "batcher.md").read_text()
