@@ -1,0 +1,105 @@
+"""dmf demo without its training run (that is `make demo`, minutes): the export step goes on past a
+refused reduced-precision export and stops on a failed fp32 one, the summary (terminal, demo.md,
+demo.json) shows every export, the refusals with their message and the bench's CPU line, and a bad
+option is a one-line error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import dmf.export
+from dmf.bench import demo as D
+from dmf.bench.bench import ARTIFACT_ENGINES, ENGINES, BenchOptions, Case, run_bench
+from dmf.bench.measure import TimingOptions
+from dmf.config import preset
+from dmf.export import ExportError
+from dmf.model import DMFModel
+
+REFUSAL = ("openvino int8 export failed the accuracy gate on 80 held-out samples: "
+           "argmax agreement with fp32 0.950 < 0.99")
+
+
+def test_demo_engines_are_bench_engines():
+    assert set(D.BENCH_ENGINES) <= set(ENGINES)
+    assert all(name in ARTIFACT_ENGINES for names in D.EXPORTS.values() for name in names)
+    assert set(D.REDUCED) | {"onnx"} == set(D.EXPORTS["memory"])  # fp32 first, then the gated ones
+
+
+def test_export_reports_a_refused_reduced_precision_and_goes_on(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_export(checkpoint, out, *, engine, precision, force, calibration):
+        calls.append((out.name, engine, precision, calibration))
+        if (engine, precision) == ("openvino", "int8"):
+            raise ExportError(REFUSAL)
+        return out
+
+    monkeypatch.setattr(dmf.export, "export_checkpoint", fake_export)
+    corpus = tmp_path / "corpus"
+    done = D._export(tmp_path / "ckpt", tmp_path / "art", corpus, D.EXPORTS["memory"], lambda _msg: None)
+    assert done == {"onnx": tmp_path / "art" / "onnx", "onnx-int8": tmp_path / "art" / "onnx-int8",
+                    "openvino-bf16": tmp_path / "art" / "openvino-bf16", "openvino-int8": REFUSAL}
+    assert calls == [("onnx", "onnx", "fp32", None), ("onnx-int8", "onnx", "int8", corpus),
+                     ("openvino-bf16", "openvino", "bf16", corpus), ("openvino-int8", "openvino", "int8", corpus)]
+    assert D._parity(REFUSAL) == {"refused": REFUSAL}
+
+    def failing_fp32(checkpoint, out, **kwargs):
+        raise ExportError("cannot load checkpoint: no config.json")
+
+    monkeypatch.setattr(dmf.export, "export_checkpoint", failing_fp32)
+    with pytest.raises(ExportError, match="cannot load checkpoint"):  # without fp32 there is no demo
+        D._export(tmp_path / "ckpt", tmp_path / "art", corpus, D.EXPORTS["naive"], lambda _msg: None)
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory) -> dict:
+    """A demo summary around a real (tiny, torch-only) bench result."""
+    work = tmp_path_factory.mktemp("demo")
+    torch.manual_seed(0)
+    ckpt = DMFModel(preset("tiny", max_audio_samples=4000), texts=["i am happy", "so sad"],
+                    pretrained=False).save_pretrained(work / "ckpt")
+    bench = run_bench([Case(fusion="memory", checkpoint=ckpt)],
+                      BenchOptions(engines=("torch", "onnx"), batch_sizes=(1,), threads=1, measure_peak=False,
+                                   head=False, timing=TimingOptions(warmup=1, min_runs=3, min_seconds=0.0)))
+    fold = {"wa": 0.7, "ua": 0.71, "macro_f1": 0.69, "weighted_f1": 0.7, "train_utterances_per_s": 100.0}
+    memory = {"onnx": {"max_abs_diff": 5.7e-6, "argmax_agreement": 1.0},
+              "onnx-int8": {"int8_agreement": 1.0, "accuracy_gate": {"argmax_agreement": 1.0}},
+              "openvino-bf16": {"accuracy_gate": {"argmax_agreement": 0.9875}}, "openvino-int8": {"refused": REFUSAL}}
+    naive = {k: memory[k] for k in ("onnx", "onnx-int8")}
+    return {"corpus": str(work / "corpus"), "utterances": 400, "bench": bench,
+            "models": {"memory": {"fold1": fold, "exports": memory}, "naive": {"fold1": fold, "exports": naive}},
+            "predictions": [{"id": "Ses01F_x", "text": "so sad", "true": "sad", "predicted": "sad", "confidence": 0.8}]}
+
+
+def test_summary_files_show_every_export_and_the_cpu_line(summary, tmp_path):
+    D._write_summary(summary, tmp_path)
+    assert json.loads((tmp_path / "demo.json").read_text())["models"]["memory"]["exports"]["openvino-int8"] == {
+        "refused": REFUSAL}
+    md = (tmp_path / "demo.md").read_text()
+    assert "| openvino-bf16 agree | openvino-int8 agree |" in md
+    assert "| memory | 0.700 | 0.710 | 0.690 | 5.7e-06 | 1.000 | 1.000 | 0.988 | refused |" in md
+    assert "| naive | 0.700 | 0.710 | 0.690 | 5.7e-06 | 1.000 | 1.000 | - | - |" in md  # openvino: memory only
+    assert f"memory openvino-int8 refused: {REFUSAL}" in md
+    assert summary["bench"]["machine"]["cpu_line"] in md and "## dmf bench" in md and "xpaper" not in md
+    assert "onnx (memory): no onnx artifact given" in md
+
+
+def test_printed_summary_has_the_cpu_line_and_the_refusal(summary, capsys):
+    D.print_summary(summary)
+    out = capsys.readouterr().out
+    assert f"CPU: {summary['bench']['machine']['cpu_line']}" in out
+    assert "openvino-int8 refused" in " ".join(out.split()) and "held-out clips" in out
+
+
+def test_demo_bad_option_is_one_line_error(tmp_path):
+    from dmf.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--utterances", "1"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error:") and "too few" in result.output
+    assert "Traceback" not in result.output and not Path(tmp_path / "demo" / "demo.json").exists()
