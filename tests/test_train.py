@@ -260,6 +260,9 @@ def _invoke(args: list[str]):
     (["--fold", "x"], "--fold 'x'"),
     (["--fusion", "bogus"], "model.fusion"),
     (["--optimizer", "rmsprop"], "train.optimizer"),
+    (["--precision", "fp16"], "train.precision"),
+    (["--clip-grad", "-1"], "train.grad_clip"),
+    (["--device", "gpu"], "--device 'gpu'"),
 ])
 def test_cli_bad_options_one_line_exit_2(corpus_dir, tmp_path, extra, message):
     result = _invoke(["--data", str(corpus_dir), "--out", str(tmp_path / "o"), "--preset", "tiny", *extra])

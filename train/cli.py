@@ -23,7 +23,7 @@ from rich.console import Console
 
 from dmf.cliutil import fail
 from dmf.config import ConfigError, DMFConfig, preset
-from dmf.train.options import DEFAULT_TIMEOUT_S, MEMORY_CHECKS, FitOptions
+from dmf.train.options import DEFAULT_TIMEOUT_S, DEVICES, MEMORY_CHECKS, FitOptions
 
 SECTIONS = ("model", "data", "train")
 
@@ -119,6 +119,8 @@ def _run(flags: dict, preset_name: str, config_file: Path | None, fold: str, out
         raise ConfigError(f"--checkpoint-every {options.checkpoint_every}: expected an integer >= 0")
     if options.memory_check not in MEMORY_CHECKS:
         raise ConfigError(f"--memory-check {options.memory_check!r}: expected one of {MEMORY_CHECKS}")
+    if options.device not in DEVICES:
+        raise ConfigError(f"--device {options.device!r}: expected one of {DEVICES}")
     corpus = load_corpus(config.data.path, config.data.format, labels=config.model.labels)
     options.log = lambda line: Console().print(line, highlight=False)
     return run_training(config, corpus, out, folds, options=options)
