@@ -273,6 +273,7 @@ def head_latency(cases: list[Case], options: BenchOptions, say: Callable[[str], 
 
 
 def _head_engine(case: Case, work: Path, threads: int):
+    from dmf.contract import OUTPUT_DTYPE, OUTPUT_NAME
     from dmf.export.onnx_export import export_head
     from dmf.runtime.artifact import ModelFile, TensorSpec
     from dmf.runtime.engines import open_engine
@@ -282,7 +283,7 @@ def _head_engine(case: Case, work: Path, threads: int):
     path = export_head(model, work / f"head-{case.fusion}.onnx")
     dim = ("batch", cfg.embed_dim)
     inputs = tuple(TensorSpec(n, "float32", dim) for n in ("x_a", "x_t"))
-    outputs = (TensorSpec("log_probs", "float32", ("batch", cfg.num_labels)),)
+    outputs = (TensorSpec(OUTPUT_NAME, OUTPUT_DTYPE, ("batch", cfg.num_labels)),)
     return open_engine("onnx", ModelFile(path, inputs, outputs), threads=threads)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from dmf.config import atomic_write_text
+from dmf.contract import META_FILE
 
 FUSIONS = ("memory", "naive")
 # What each fusion is exported to (bench engine names, bench.ARTIFACT_ENGINES gives engine and
@@ -110,7 +111,7 @@ def _export(checkpoint: Path, out: Path, corpus_dir: Path, names: tuple[str, ...
 def _parity(artifact: Path | str) -> dict:
     if isinstance(artifact, str):  # the export was refused: keep why
         return {"refused": artifact}
-    return json.loads((artifact / "dmf.json").read_text()).get("parity", {})
+    return json.loads((artifact / META_FILE).read_text()).get("parity", {})
 
 
 def _predict_heldout(corpus, artifact: Path, options: DemoOptions, say) -> list[dict]:

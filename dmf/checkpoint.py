@@ -18,6 +18,7 @@ import torch
 
 from dmf import __version__
 from dmf.config import ConfigError, DMFConfig
+from dmf.contract import TOKENIZER_FILE
 from dmf.fileio import commit_dir, stage_dir
 
 WEIGHTS_NAME = "model.safetensors"
@@ -103,8 +104,8 @@ def _load_weights(path: Path, map_location: str) -> dict[str, torch.Tensor]:
 def _load_tokenizer(directory: Path):
     from transformers import AutoTokenizer
 
-    if not (directory / "tokenizer.json").is_file():
-        raise CheckpointError(f"checkpoint tokenizer missing: {directory / 'tokenizer.json'}")
+    if not (directory / TOKENIZER_FILE).is_file():
+        raise CheckpointError(f"checkpoint tokenizer missing: {directory / TOKENIZER_FILE}")
     try:
         return AutoTokenizer.from_pretrained(str(directory))
     except Exception as exc:

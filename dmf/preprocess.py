@@ -25,7 +25,7 @@ import soundfile as sf
 import soxr
 from tokenizers import Tokenizer
 
-from dmf.contract import NORMALIZE_OVER
+from dmf.contract import NORMALIZE_OVER, TOKENIZER_FILE
 
 AudioSource = Union[str, Path, bytes, bytearray, memoryview, IO[bytes], np.ndarray]
 
@@ -384,7 +384,7 @@ class TextEncoder:
         """Load a `tokenizer.json` (or a folder holding one)."""
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.json"
+            path = path / TOKENIZER_FILE
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception for missing/malformed files

@@ -103,7 +103,9 @@ def _summary(path: Path, seconds: float) -> str:
     """The one line printed after a successful export: what, where, and the figures it passed."""
     import json
 
-    meta = json.loads((path / "dmf.json").read_text())
+    from dmf.contract import META_FILE
+
+    meta = json.loads((path / META_FILE).read_text())
     parity = meta["parity"]
     line = (f"exported {meta['engine']} {meta['precision']} {meta['fusion']} model to {path} in {seconds:.1f} s: "
             f"parity vs torch on {parity['samples']} samples max abs diff {parity['max_abs_diff']:.1e}, "

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from dmf import contract as C
 from dmf.export import ExportError
 
 OPSET = 20  # TensorRT 10's ONNX parser accepts opset 9..20; Gelu (used by both encoders) is opset 20
 TRACE_BATCH = 2  # trace with batch >= 2: a size-1 dim would be specialised to a static 1
-INPUT_NAMES = ["audio", "input_ids", "attention_mask"]
-OUTPUT_NAMES = ["log_probs"]
+INPUT_NAMES = list(C.INPUT_NAMES)
+OUTPUT_NAMES = [C.OUTPUT_NAME]
 
 
 class EndToEnd(nn.Module):
@@ -92,10 +93,8 @@ def export_onnx(model, path: str | Path, example: dict[str, np.ndarray]) -> Path
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[k])) for k in INPUT_NAMES)
     with torch.no_grad(), export_form(model):
         _export(EndToEnd(model).eval(), args, path, INPUT_NAMES, OUTPUT_NAMES)
-    check_io(path, {"audio": ("float32", example["audio"].shape[1]),
-                    "input_ids": ("int64", example["input_ids"].shape[1]),
-                    "attention_mask": ("int64", example["attention_mask"].shape[1])},
-             {"log_probs": ("float32", model.model_config.num_labels)})
+    check_io(path, {name: (C.INPUT_DTYPES[name], example[name].shape[1]) for name in C.INPUT_NAMES},
+             {C.OUTPUT_NAME: (C.OUTPUT_DTYPE, model.model_config.num_labels)})
     return path
 
 

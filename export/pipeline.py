@@ -181,7 +181,7 @@ def _calibration_data(options: ExportOptions, model, checkpoint: Path, given: di
 
 def _check_agreement_shapes(data: dict, cfg) -> None:
     data = data["held_out"]
-    want = {"audio": cfg.max_audio_samples, "input_ids": cfg.max_tokens, "attention_mask": cfg.max_tokens}
+    want = {C.AUDIO_INPUT: cfg.max_audio_samples, C.IDS_INPUT: cfg.max_tokens, C.MASK_INPUT: cfg.max_tokens}
     for name, dim in want.items():
         if data[name].ndim != 2 or data[name].shape[1] != dim:
             raise ExportError(f"agreement data {name} has shape {data[name].shape}, expected (N, {dim})")
@@ -272,19 +272,27 @@ def _check_reduced(job: _Job, kind: str, path: Path, atol: float | None) -> None
 
     what = f"{job.options.engine} {job.options.precision} export"
     reduced = V.open_graph(kind, path, job.cfg, job.options.precision)
+    try:
+        _check_engine(job, reduced, kind, atol, what)
+    finally:
+        reduced.close()
+
+
+def _check_engine(job: _Job, reduced, kind: str, atol: float | None, what: str) -> None:
+    from dmf.export import verify as V
+
     vs_torch = V.verify_engine(reduced, job.reference, job.feeds)
     job.parity.update(checked_with=_CHECKED_WITH[kind], max_abs_diff=vs_torch.max_abs_diff,
                       argmax_agreement=vs_torch.argmax_agreement, tolerance=atol)
     if atol is not None:
         _gate(V.parity_failure(vs_torch, atol, what))
-    else:
-        vs_fp32 = V.compare(job.reference, V.run_chunks(reduced, job.feeds))
-        job.parity.update(int8_verify_agreement=vs_fp32.argmax_agreement)
-        if not np.isfinite(vs_fp32.max_abs_diff):
+    else:  # int8: the reference is the fp32 model, so its agreement is int8's agreement with fp32
+        job.parity.update(int8_verify_agreement=vs_torch.argmax_agreement)
+        if not np.isfinite(vs_torch.max_abs_diff):
             raise ExportError(f"{what} failed verification: non-finite log-probs")
-        if vs_fp32.argmax_agreement < V.INT8_MIN_VERIFY_AGREEMENT:  # a broken graph lands near chance
+        if vs_torch.argmax_agreement < V.INT8_MIN_VERIFY_AGREEMENT:  # a broken graph lands near chance
             raise ExportError(f"{what} failed verification: argmax agreement with fp32 "
-                              f"{vs_fp32.argmax_agreement:.3f} < {V.INT8_MIN_VERIFY_AGREEMENT} on the verify inputs")
+                              f"{vs_torch.argmax_agreement:.3f} < {V.INT8_MIN_VERIFY_AGREEMENT} on the verify inputs")
     if job.data is not None and job.data.get("held_out") is not None:
         _held_out_gate(job, reduced, what)
 
@@ -304,6 +312,8 @@ def _held_out_gate(job: _Job, reduced, what: str) -> None:
                                  rows.get("labels"), what)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
+    finally:
+        fp32.close()
     record["held_out_session"] = job.data.get("held_out_session")
     job.parity.update(accuracy_gate=record)
     if job.options.precision == "int8":  # the keys dmf.json had before the gate covered every precision
@@ -361,7 +371,7 @@ def _tensorrt(fp32: Path, work: Path, feeds, reference, options: ExportOptions, 
 
         source = convert_fp16(fp32, work / "fp16.onnx")
         _opcheck(source, "fp16 graph")
-    plan = build_engine(source, work / "model.plan", precision=options.precision, max_batch=options.max_batch,
+    plan = build_engine(source, work / C.MODEL_FILES["trt"], precision=options.precision, max_batch=options.max_batch,
                         input_dims={C.AUDIO_INPUT: (cfg.max_audio_samples,), C.IDS_INPUT: (cfg.max_tokens,),
                                     C.MASK_INPUT: (cfg.max_tokens,)})
     batch = min(options.max_batch, len(feeds[C.AUDIO_INPUT]))

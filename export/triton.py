@@ -25,7 +25,7 @@ from pathlib import Path
 
 from dmf import contract as C
 
-PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "trt": ("tensorrt_plan", "model.plan")}
+PLATFORMS = {"onnx": ("onnxruntime_onnx", C.MODEL_FILES["onnx"]), "trt": ("tensorrt_plan", C.MODEL_FILES["trt"])}
 TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "int32": "TYPE_INT32", "float16": "TYPE_FP16",
                 "bytes": "TYPE_STRING"}
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")

@@ -69,7 +69,7 @@ def _predict_one(predictor, audio: Path, text: str, as_json: bool) -> None:
     except INPUT_ERRORS + (EngineError,) as exc:
         fail(exc)
     if as_json:
-        typer.echo(json.dumps(pred.to_dict(), allow_nan=False))  # finite: ResultError otherwise
+        typer.echo(json.dumps({**pred.to_dict(), **predictor.running()}, allow_nan=False))  # finite: ResultError otherwise
         return
     typer.echo(pred.label)
     for lab, p in sorted(pred.probabilities.items(), key=lambda kv: -kv[1]):
@@ -125,7 +125,7 @@ def predict(
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV/TSV/JSONL with audio, text[, id]."),
     out: Optional[Path] = typer.Option(None, "--out", help="Manifest output: .csv or .jsonl."),
     as_json: bool = typer.Option(False, "--json", help="Print the single prediction as JSON."),
-    engine: str = typer.Option("auto", "--engine", help="auto (dmf.json's), onnx or trt."),
+    engine: str = typer.Option("auto", "--engine", help="auto (the fastest the artifact, installed packages and CPU allow), onnx, openvino or trt."),
     providers: Optional[str] = typer.Option(None, "--providers", help="ORT providers, e.g. cuda,cpu."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
     batch_size: int = typer.Option(16, "--batch-size", help="Manifest rows per batch (capped by max_batch)."),
@@ -156,7 +156,7 @@ def serve(
     timeout: float = typer.Option(ServeOptions.request_timeout_s, "--timeout", help="Per request, s: body (else 408) and result (else 503)."),
     max_queue: int = typer.Option(ServeOptions.max_queue, "--max-queue", help="Predict requests at once; one more gets 503."),
     grace: float = typer.Option(ServeOptions.grace_s, "--grace", help="On SIGTERM, s before unanswered requests get 503."),
-    engine: str = typer.Option("auto", "--engine", help="auto (dmf.json's), onnx or trt."),
+    engine: str = typer.Option("auto", "--engine", help="auto (the fastest the artifact, installed packages and CPU allow), onnx, openvino or trt."),
     providers: Optional[str] = typer.Option(None, "--providers", help="ORT providers, e.g. cuda,cpu."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),

@@ -104,13 +104,19 @@ class Predictor:
              max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> "Predictor":
         """Validate the artifact (dmf.json, files, sha256) and open its engine.
 
-        engine: "auto" (dmf.json's engine), "onnx" (onnxruntime) or "trt" (native TensorRT plan).
+        engine: "auto" (the fastest engine the artifact, the installed packages and this CPU allow,
+        without lowering the artifact's verified precision: `engines.choose_engine`), "onnx"
+        (onnxruntime), "openvino" (OpenVINO CPU) or "trt" (native TensorRT plan).
         providers: onnxruntime execution providers ("cpu", "cuda", "tensorrt" or full names);
         None picks CUDA when available, then CPU. threads: onnxruntime intra-op threads.
         min_seconds / max_seconds: the accepted clip length (before cropping to the model's input)."""
         artifact = load_artifact(artifact_dir, verify=verify)
         return cls(artifact, create_engine(artifact, engine, providers, threads),
                    min_seconds=min_seconds, max_seconds=max_seconds, max_text_chars=max_text_chars)
+
+    def running(self) -> dict[str, Any]:
+        """Which engine runs this predictor ("engine" = what `auto` picked) and on what."""
+        return {"running_engine": self.engine.name, "providers": list(self.engine.providers)}
 
     # ------------------------------------------------------------------------------ steps
     def preprocess(self, audio: Any, text: Any, sample_rate: int | None = None, *,

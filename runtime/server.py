@@ -337,7 +337,7 @@ async def health_route(request):
     if state.batcher.closed or state.shutdown.started:
         return _json(503, {"error": "shutting down"})
     summary = {**state.predictor.artifact.summary(), "path": state.predictor.artifact.path.name}
-    return _json(200, {"status": "ok", "providers": state.predictor.engine.providers, **summary})
+    return _json(200, {"status": "ok", **summary, **state.predictor.running()})
 
 
 async def metrics_route(request):

@@ -350,6 +350,7 @@ def test_cli_predict_single(rt, predictor):
     assert code == 0, out
     got = json.loads(out.strip().splitlines()[-1])
     assert got["label"] == expected.label
+    assert got["running_engine"] == predictor.engine.name  # what engine="auto" picked is said
     assert np.allclose(list(got["probabilities"].values()), _probs(expected), atol=1e-6)
 
 

@@ -111,6 +111,7 @@ def test_missing_fields_wrong_content_type_and_upload_limit(rt, client):
 def test_health_and_metrics(rt, predictor, client):
     h = client.get("/healthz").json()
     assert h["status"] == "ok" and h["labels"] == list(predictor.labels)
+    assert h["running_engine"] == predictor.engine.name and h["providers"] == list(predictor.engine.providers)
     before = client.get("/metrics").json()
     assert client.post("/v1/predict", files=_files(rt, "good2.wav", "metrics")).status_code == 200
     m = client.get("/metrics").json()

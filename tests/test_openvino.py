@@ -1,0 +1,242 @@
+"""OpenVINO artifacts and the engine interface (issues 10 and 17): export verification through the
+runtime's engines, static int8 calibrated on a corpus, the accuracy gate refusing a broken
+quantisation, engine selection by `auto`, the contract checks every engine makes when it opens."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+torch = pytest.importorskip("torch")
+
+from dmf.config import preset  # noqa: E402
+from dmf.export import ExportError, export_checkpoint  # noqa: E402
+from dmf.export import verify as V  # noqa: E402
+from dmf.model import DMFModel  # noqa: E402
+from dmf.runtime import Predictor  # noqa: E402
+from dmf.runtime.artifact import ModelFile, TensorSpec, load_artifact  # noqa: E402
+from dmf.runtime.engines import EngineError, choose_engine, create_engine, open_engine  # noqa: E402
+from dmf.torch_engine import TorchEngine  # noqa: E402
+
+TEXTS = ["i am so happy today", "this is terrible news", "leave me alone", "what a surprise", "okay fine"]
+INIT_RANGE = 0.2  # as in test_export: log-probs that depend on both inputs, labels with a margin
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("openvino")
+
+
+def _tiny_model() -> DMFModel:
+    cfg = preset("tiny", fusion="memory")
+    cfg = preset("tiny", fusion="memory",
+                 audio_encoder_config=dict(cfg.model.audio_encoder_config, initializer_range=INIT_RANGE),
+                 text_encoder_config=dict(cfg.model.text_encoder_config, initializer_range=INIT_RANGE))
+    torch.manual_seed(0)
+    return DMFModel(cfg, texts=TEXTS, pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(work) -> Path:
+    return _tiny_model().save_pretrained(work / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def decided_checkpoint(work) -> Path:
+    """A model whose labels have a margin int8 noise cannot cross (a random tiny model's log-probs are
+    within ~0.05 of each other, closer than static int8's error: its labels flip, as a trained model's
+    confident ones do not). Class k's bias is raised by 2k, so inputs still move every log-prob."""
+    model = _tiny_model()
+    with torch.no_grad():
+        model.classifier.mlp[-1].bias += 2.0 * torch.arange(model.model_config.num_labels)
+    return model.save_pretrained(work / "ckpt-decided")
+
+
+@pytest.fixture(scope="module")
+def rows(decided_checkpoint) -> dict:
+    """Calibration rows and held-out rows labelled with the fp32 model's own argmax (UA 1.0)."""
+    model = DMFModel.from_pretrained(decided_checkpoint).eval()
+    held = V.verify_inputs(model.model_config, model.tokenizer, samples=24, seed=5)
+    held["labels"] = TorchEngine(model).infer(held).argmax(-1)
+    return {"calibration": V.verify_inputs(model.model_config, model.tokenizer, samples=8, seed=6),
+            "held_out": held, "held_out_session": "synthetic"}
+
+
+@pytest.fixture(scope="module")
+def fp32_artifact(work, checkpoint) -> Path:
+    return export_checkpoint(checkpoint, work / "ov-fp32", engine="openvino", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(work, decided_checkpoint, rows) -> Path:
+    return export_checkpoint(decided_checkpoint, work / "ov-int8", engine="openvino", precision="int8",
+                             calibration=rows)
+
+
+def _feeds(checkpoint: Path, n: int = 4, seed: int = 31) -> tuple[dict, np.ndarray]:
+    model = DMFModel.from_pretrained(checkpoint).eval()
+    feeds = V.verify_inputs(model.model_config, model.tokenizer, samples=n, seed=seed)
+    return feeds, TorchEngine(model).infer(feeds)
+
+
+def test_openvino_fp32_artifact_matches_torch_recomputed_here(fp32_artifact, checkpoint):
+    meta = json.loads((fp32_artifact / "dmf.json").read_text())
+    assert meta["engine"] == "openvino" and meta["model_file"] == "model.xml"
+    assert {"model.xml", "model.bin"} <= set(meta["files"])  # both IR files are hashed
+    feeds, reference = _feeds(checkpoint)
+    engine = create_engine(load_artifact(fp32_artifact))
+    assert engine.name == "openvino" and engine.precision == "f32"
+    got = engine.infer(feeds)
+    assert np.abs(got - reference).max() <= V.FP32_ATOL
+    assert meta["parity"]["checked_with"] == "openvino-cpu" and meta["parity"]["max_abs_diff"] <= V.FP32_ATOL
+
+
+def test_static_int8_passes_the_gate_and_records_it(int8_artifact, decided_checkpoint):
+    meta = json.loads((int8_artifact / "dmf.json").read_text())
+    gate = meta["parity"]["accuracy_gate"]
+    assert gate["samples"] == 24 and gate["argmax_agreement"] >= V.MIN_AGREEMENT
+    assert gate["ua_fp32"] == pytest.approx(1.0) and gate["ua"] >= gate["ua_fp32"] - V.MAX_UA_DROP
+    # the int8 IR holds quantised ops (FakeQuantize), so the speed-up is real int8 work, not a copy
+    xml = (int8_artifact / "model.xml").read_text()
+    assert xml.count('type="FakeQuantize"') >= 4
+    feeds, reference = _feeds(decided_checkpoint)
+    got = Predictor.load(int8_artifact).engine.infer(feeds)
+    assert (got.argmax(-1) == reference.argmax(-1)).all() and np.abs(got - reference).max() < 0.5
+
+
+def test_a_quantisation_that_flips_labels_is_refused_with_the_figures(work, decided_checkpoint, rows, monkeypatch):
+    import openvino as ov
+
+    from dmf.export import openvino as OV
+
+    real = OV.quantize
+
+    def broken(onnx_path, xml_path, calibration, keep_fp32=()):
+        real(onnx_path, xml_path, calibration, keep_fp32)
+        model = ov.Core().read_model(str(xml_path))
+        out = model.output(0)
+        flipped = ov.opset13.negative(out.get_node().input_value(0))  # log-softmax input negated: labels flip
+        model = ov.Model([ov.opset13.log_softmax(flipped, -1)], model.get_parameters())
+        model.output(0).set_names({"log_probs"})
+        staged = Path(xml_path).with_name("broken.xml")  # never rewrite a model.bin that is mapped
+        ov.save_model(model, str(staged), compress_to_fp16=False)
+        staged.with_suffix(".bin").replace(Path(xml_path).with_suffix(".bin"))
+        staged.replace(xml_path)
+        return Path(xml_path)
+
+    monkeypatch.setattr(OV, "quantize", broken)
+    target = work / "ov-int8-broken"
+    with pytest.raises(ExportError) as err:
+        export_checkpoint(decided_checkpoint, target, engine="openvino", precision="int8", calibration=rows)
+    message = str(err.value)
+    assert "\n" not in message and "argmax agreement" in message and "<" in message
+    assert not target.exists() and not list(work.glob(".ov-int8-broken*"))
+
+
+def test_accuracy_gate_maths():
+    fp32 = np.log(np.array([[0.7, 0.1, 0.1, 0.1]] * 50 + [[0.1, 0.7, 0.1, 0.1]] * 50))
+    labels = np.array([0] * 50 + [1] * 50)
+    assert V.accuracy_gate(fp32, fp32.copy(), labels, "x")["ua"] == pytest.approx(1.0)
+    one_flip = fp32.copy()
+    one_flip[0] = fp32[60]  # 99/100 agree, UA 99.0 vs 100.0: exactly at both limits, accepted
+    assert V.accuracy_gate(fp32, one_flip, labels, "x")["ua"] == pytest.approx(0.99)
+    two_flips = one_flip.copy()
+    two_flips[1] = fp32[60]
+    with pytest.raises(ValueError, match=r"agreement with fp32 0\.980 < 0\.99; UA 98\.0 more than 1 point"):
+        V.accuracy_gate(fp32, two_flips, labels, "x")
+    record = V.accuracy_gate(fp32, fp32 + 0.01, None, "x")
+    assert record["ua"] is None and record["argmax_agreement"] == 1.0
+    with pytest.raises(ValueError, match="non-finite"):
+        V.accuracy_gate(fp32, fp32 * np.nan, None, "x")
+
+
+def test_int8_needs_calibration_and_engines_refuse_wrong_precisions(checkpoint, work):
+    with pytest.raises(ExportError, match="--calibration"):
+        export_checkpoint(checkpoint, work / "x", engine="openvino", precision="int8")
+    with pytest.raises(ExportError, match="not available for engine trt"):
+        export_checkpoint(checkpoint, work / "x", engine="trt", precision="int8")
+    with pytest.raises(ExportError, match="not available for engine onnx"):
+        export_checkpoint(checkpoint, work / "x", engine="onnx", precision="bf16")
+
+
+def test_calibration_from_a_corpus_holds_out_the_checkpoints_session(tmp_path, checkpoint):
+    from dmf.data.synth import synthesize
+    from dmf.export.calibration import corpus_data
+
+    synthesize(tmp_path / "corpus", seed=0, utterances=60)
+    model = DMFModel.from_pretrained(checkpoint)
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "metrics.json").write_text(json.dumps({"test_session": "Ses02"}))
+    data = corpus_data(tmp_path / "corpus", model, ck, calibration_samples=6)
+    assert data["held_out_session"] == "Ses02" and "metrics.json" in data["held_out_choice"]
+    assert len(data["calibration"]["audio"]) == 6
+    held = data["held_out"]
+    assert held["audio"].shape[1] == model.model_config.max_audio_samples and len(held["labels"]) == len(held["audio"])
+    (ck / "metrics.json").write_text(json.dumps({"test_session": "Ses09"}))
+    with pytest.raises(ValueError, match="Ses09"):
+        corpus_data(tmp_path / "corpus", model, ck, calibration_samples=6)
+
+
+# ------------------------------------------------------------------------------ engine interface
+def test_auto_and_explicit_engines_agree_on_an_onnx_artifact(work, checkpoint):
+    art = load_artifact(export_checkpoint(checkpoint, work / "onnx-fp32"))
+    assert choose_engine(art) == "onnx"  # onnxruntime is installed: it runs fp32 graphs here
+    assert choose_engine(art, providers="cpu") == "onnx"
+    feeds, reference = _feeds(checkpoint)
+    for kind in ("onnx", "openvino"):  # OpenVINO reads the same ONNX
+        assert np.abs(create_engine(art, kind).infer(feeds) - reference).max() <= V.FP32_ATOL
+    with pytest.raises(EngineError, match="providers apply to the onnx engine only"):
+        create_engine(art, "openvino", providers="cpu")
+    with pytest.raises(EngineError, match="cannot run it"):
+        create_engine(art, "trt")
+    with pytest.raises(EngineError, match="expected one of"):
+        create_engine(art, "tpu")
+
+
+def test_openvino_artifact_runs_only_on_openvino_and_auto_picks_it(fp32_artifact):
+    art = load_artifact(fp32_artifact)
+    assert choose_engine(art) == "openvino"
+    with pytest.raises(EngineError, match="cannot run it"):
+        create_engine(art, "onnx")
+
+
+def test_engines_check_the_models_own_tensors_against_the_contract(work, checkpoint, fp32_artifact):
+    onnx_art = load_artifact(export_checkpoint(checkpoint, work / "onnx-check"))
+    good = onnx_art.model_file
+    wrong_width = ModelFile(good.model_path, (TensorSpec("audio", "float32", ("batch", 123)), *good.inputs[1:]),
+                            good.outputs)
+    wrong_dtype = ModelFile(good.model_path, (TensorSpec("audio", "int64", ("batch", good.inputs[0].shape[1])),
+                                              *good.inputs[1:]), good.outputs)
+    wrong_labels = ModelFile(good.model_path, good.inputs, (TensorSpec("log_probs", "float32", ("batch", 7)),))
+    for kind in ("onnx", "openvino"):
+        with pytest.raises(EngineError, match=r"input 'audio' has shape"):
+            open_engine(kind, wrong_width)
+        with pytest.raises(EngineError, match=r"input 'audio' is float32 in the model but int64"):
+            open_engine(kind, wrong_dtype)
+        with pytest.raises(EngineError, match=r"output 'log_probs' has shape"):
+            open_engine(kind, wrong_labels)
+
+
+def test_openvino_precision_follows_the_artifact_and_the_cpu():
+    from dmf.runtime.openvino import inference_precision
+
+    assert inference_precision("fp32", cpu_bf16=True) == "f32"  # never lower than verified
+    assert inference_precision("bf16", cpu_bf16=True) == "bf16"
+    assert inference_precision("int8", cpu_bf16=True) == "bf16"
+    assert inference_precision("bf16", cpu_bf16=False) == "f32"  # no native bf16: f32, not emulation
+
+
+def test_every_runtime_engine_module_imports_without_torch():
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            "import dmf.runtime.engines, dmf.runtime.openvino, dmf.runtime.trt, dmf.cpuinfo\n"
+            "from dmf.runtime import Predictor, create_engine\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
