@@ -8,11 +8,12 @@ samples, normalisation, token count) and the artifact's tokenizer.json. Torch-fr
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import soundfile as sf
 
 from dmf.preprocess import AudioError, TextEncoder, TextError, preprocess_audio, validate_text
 
@@ -41,14 +42,16 @@ INPUT_ERRORS = (AudioError, TextError, InputError, ResultError)
 @dataclass(frozen=True)
 class Prediction:
     """One result: the arg-max label, probabilities by label (in dmf.json's label order) and the
-    raw log-probabilities the model returned."""
+    raw log-probabilities the model returned. `truncated`: the clip was longer than the model's
+    window (input_samples / sample_rate), so only its first window was scored."""
 
     label: str
     probabilities: dict[str, float]
     log_probs: tuple[float, ...] = field(repr=False, default=())
+    truncated: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "probabilities": dict(self.probabilities)}
+        return {"label": self.label, "probabilities": dict(self.probabilities), "truncated": self.truncated}
 
 
 class Predictor:
@@ -181,16 +184,38 @@ class Predictor:
     def predict(self, audio: Any, text: Any, sample_rate: int | None = None) -> Prediction:
         """audio: a path, bytes, a binary file object, or a float numpy array (then `sample_rate`
         is required); text: the transcript (str, or UTF-8 bytes)."""
+        truncated = self.is_truncated(audio, sample_rate)  # before decoding moves a stream's position
         arrays = self.preprocess(audio, text, sample_rate)
-        return self.postprocess(self.infer([arrays])[0])
+        return replace(self.postprocess(self.infer([arrays])[0]), truncated=truncated)
+
+    def is_truncated(self, audio: Any, sample_rate: int | None = None) -> bool:
+        """Whether a clip is longer than the model's window, from the array's length or the file's
+        header (no decoding; a stream is read from its current position, which is restored).
+        False for a text-only model and for audio `preprocess` will refuse anyway."""
+        if not self.artifact.uses_audio:
+            return False
+        return clip_seconds(audio, sample_rate) > self.artifact.input_samples / self.artifact.sample_rate
+
+    def predict_conversation(self, audio: Any, segments: Any, *, policy: str = "first", **options: Any):
+        """A long recording (path, bytes or seekable file) and its transcript segments (a list of
+        `conversation.Segment`, or a transcript file path) -> `conversation.Conversation`: one
+        prediction per segment and a per-speaker summary. `options`: see
+        `conversation.predict_conversation` (max_seconds, progress, name)."""
+        from .conversation import predict_conversation, read_transcript
+
+        if isinstance(segments, (str, Path)):
+            options.setdefault("name", str(segments))
+            segments = read_transcript(segments)
+        return predict_conversation(self, audio, segments, policy=policy, **options)
 
     def predict_batch(self, items: Iterable[Any]) -> list[Prediction]:
         """items: (audio, text), (audio, text, sample_rate) or {"audio", "text", "sample_rate"?}.
         A bad item raises its AudioError / TextError / InputError prefixed with `items[i]`;
         nothing is run then."""
-        arrays = []
+        arrays, truncated = [], []
         for i, item in enumerate(items):
             audio, text, rate = unpack_item(item, where=f"items[{i}]")
+            truncated.append(self.is_truncated(audio, rate))
             try:
                 arrays.append(self.preprocess(audio, text, rate))
             except INPUT_ERRORS as exc:
@@ -198,7 +223,7 @@ class Predictor:
         preds = []
         for i, row in enumerate(self.infer(arrays)):
             try:
-                preds.append(self.postprocess(row))
+                preds.append(replace(self.postprocess(row), truncated=truncated[i]))
             except ResultError as exc:
                 raise ResultError(f"items[{i}]: {exc}") from None
         return preds
@@ -220,6 +245,31 @@ class Predictor:
 def _first_line(exc: BaseException) -> str:
     """A backend's message cut to its first line (ORT and TensorRT write multi-line banners)."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def clip_seconds(audio: Any, sample_rate: int | None = None) -> float:
+    """A clip's length in seconds from its array shape or its file header (nothing decoded);
+    a header that leaves the length open (streamed FLAC) counts as long. 0.0 for what cannot be
+    measured without consuming it (a non-seekable stream) or is no readable audio (preprocess
+    reports that with its own message)."""
+    try:
+        if isinstance(audio, np.ndarray):
+            return audio.shape[0] / sample_rate
+        if isinstance(audio, (bytes, bytearray, memoryview)):
+            audio = io.BytesIO(bytes(audio))
+        if not hasattr(audio, "read"):
+            info = sf.info(str(audio))
+            return info.frames / info.samplerate
+        if not (hasattr(audio, "seekable") and audio.seekable()):
+            return 0.0
+        start = audio.tell()
+        try:
+            with sf.SoundFile(audio) as snd:
+                return snd.frames / snd.samplerate
+        finally:
+            audio.seek(start)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError, ZeroDivisionError):
+        return 0.0
 
 
 def _check_not_empty(audio: Any) -> None:

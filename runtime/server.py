@@ -299,10 +299,11 @@ async def _predict(request) -> dict:
     deadline = time.monotonic() + opts.request_timeout_s
     audio, text = await _within(read_form(request, opts.max_upload_bytes), deadline, state.shutdown, 408,
                                 f"request body not received within {opts.request_timeout_s:g} s")
+    truncated = state.predictor.is_truncated(audio)  # header only, before the batcher reads the upload
     future = state.batcher.submit(audio, text)
     result = await _within(asyncio.wrap_future(future), deadline, state.shutdown, 503,
                            f"no result within {opts.request_timeout_s:g} s; the server is overloaded")
-    return result.to_dict()
+    return {**result.to_dict(), "truncated": truncated}
 
 
 def _json(status: int, payload: Any):

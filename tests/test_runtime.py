@@ -149,7 +149,7 @@ def test_audio_as_path_bytes_and_array_agree(rt, predictor):
         np.testing.assert_allclose(_probs(other), _probs(by_path), atol=1e-6)
     assert set(by_path.probabilities) == set(predictor.labels)
     assert abs(sum(by_path.probabilities.values()) - 1) < 1e-6
-    assert by_path.to_dict() == {"label": by_path.label, "probabilities": by_path.probabilities}
+    assert by_path.to_dict() == {"label": by_path.label, "probabilities": by_path.probabilities, "truncated": False}
 
 
 @pytest.mark.parametrize("case", sorted({**BAD_AUDIO, **BAD_TEXT}))

@@ -54,7 +54,8 @@ def test_predict_ok_matches_the_python_api(rt, predictor, client):
     assert r.status_code == 200, r.text
     body = r.json()
     expected = predictor.predict(rt.clips["good1.wav"], "hello there")
-    assert set(body) == {"label", "probabilities"} and body["label"] == expected.label
+    assert set(body) == {"label", "probabilities", "truncated"} and body["label"] == expected.label
+    assert body["truncated"] is False  # a 1.5 s clip fits the 5 s window
     assert np.allclose([body["probabilities"][k] for k in predictor.labels],
                        [expected.probabilities[k] for k in predictor.labels], atol=1e-5)
     # text as a plain form field works too

@@ -1,0 +1,191 @@
+"""Conversations (#13): a recording + a time-stamped transcript -> one prediction per segment.
+
+The recording is made of the runtime fixture's clips concatenated with silent gaps; every segment's
+prediction must equal predicting that clip alone. Bad transcripts are refused with a message naming
+the segment, through the API, the CLI and HTTP; a long recording is read segment by segment.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest_runtime import SR, predictor, rt, tone, wav_bytes  # noqa: F401 (fixtures)
+from typer.testing import CliRunner
+
+from dmf.runtime import conversation as conv
+from dmf.runtime.conversation import Segment, TranscriptError, read_transcript
+
+# (clip, speaker, text): 1.0, 1.5, 2.0, 2.5 and 6.0 s (the last longer than the 5 s window)
+PARTS = [("good0.wav", "Alice", "i am so happy today"), ("good1.wav", "Bob", "this is terrible news"),
+         ("good2.wav", "Alice", "leave me alone right now"), ("good3.wav", "Bob", "what a wonderful surprise"),
+         ("long6s.wav", "Alice", "okay fine whatever")]
+GAP_S = 0.5
+
+
+def _ts(seconds: float, sep: str) -> str:
+    ms = int(round(seconds * 1000))
+    return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
+
+
+def vtt(segments) -> str:
+    cues = [f"{_ts(s.start, '.')} --> {_ts(s.end, '.')}\n<v {s.speaker}>{s.text}</v>\n" for s in segments]
+    return "WEBVTT\n\n" + "\n".join(cues)
+
+
+def srt(segments) -> str:
+    cues = [f"{i + 1}\n{_ts(s.start, ',')} --> {_ts(s.end, ',')}\n{s.speaker}: {s.text}\n" for i, s in enumerate(segments)]
+    return "\n".join(cues)
+
+
+def as_json(segments) -> str:
+    return json.dumps([{"start": s.start, "end": s.end, "text": s.text, "speaker": s.speaker} for s in segments])
+
+
+@pytest.fixture(scope="module")
+def call(rt, tmp_path_factory):
+    """call.wav (the clips with 0.5 s of silence before each) and its segments."""
+    root = tmp_path_factory.mktemp("call")
+    pieces, segments, t = [], [], 0.0
+    for clip, speaker, text in PARTS:
+        data, rate = sf.read(rt.clips[clip], dtype="float32")
+        assert rate == SR
+        pieces += [np.zeros(int(GAP_S * SR), np.float32), data]
+        t += GAP_S
+        segments.append(Segment(round(t, 3), round(t + len(data) / SR, 3), text, speaker))
+        t += len(data) / SR
+    pieces.append(np.zeros(int(GAP_S * SR), np.float32))
+    audio = root / "call.wav"
+    sf.write(audio, np.concatenate(pieces), SR, subtype="PCM_16")
+    for name, writer in (("call.vtt", vtt), ("call.srt", srt), ("call.json", as_json)):
+        (root / name).write_text(writer(segments), encoding="utf-8")
+    return root, segments
+
+
+@pytest.mark.parametrize("transcript", ["call.vtt", "call.srt", "call.json"])
+def test_each_segment_equals_its_clip_alone(call, rt, predictor, transcript):
+    root, expected = call
+    segments = read_transcript(root / transcript)
+    assert segments == expected  # times, text and speaker (voice tag, "Name:" prefix, JSON field)
+    result = predictor.predict_conversation(root / "call.wav", segments)
+    assert len(result.turns) == len(PARTS)
+    for turn, (clip, _, text) in zip(result.turns, PARTS):
+        alone = predictor.predict(rt.clips[clip], text)
+        assert turn.prediction.label == alone.label
+        for lab, p in alone.probabilities.items():
+            assert turn.prediction.probabilities[lab] == pytest.approx(p, abs=1e-5)
+        assert turn.truncated == alone.truncated == (clip == "long6s.wav")
+    assert set(result.summary) == {"Alice", "Bob"}
+    for shares in result.summary.values():
+        assert sum(shares.values()) == pytest.approx(1.0)
+    alice = [t.prediction.label for t in result.turns if t.segment.speaker == "Alice"]
+    assert result.summary["Alice"][alice[0]] == pytest.approx(alice.count(alice[0]) / 3)
+
+
+def test_single_clip_truncated_flag(rt, predictor):
+    assert predictor.predict(rt.clips["long6s.wav"], "x").to_dict()["truncated"] is True
+    assert predictor.predict(rt.clips["good0.wav"], "x").to_dict()["truncated"] is False
+    batch = predictor.predict_batch([(rt.clips["long6s.wav"], "x"), (tone(2.0), "y", SR)])
+    assert [p.truncated for p in batch] == [True, False]
+
+
+def test_windows_policy_averages_log_probs(call, predictor):
+    root, segments = call
+    long_seg = segments[-1]
+    result = predictor.predict_conversation(root / "call.wav", [long_seg], policy="windows")
+    turn = result.turns[0]
+    assert turn.truncated and turn.windows == 2  # 6 s = a 5 s window + a 1 s tail
+    data, _ = sf.read(root / "call.wav", dtype="float32", start=int(long_seg.start * SR), stop=int(long_seg.end * SR))
+    w = 5 * SR
+    rows = [predictor.predict(data[:w + SR], long_seg.text, SR).log_probs, predictor.predict(data[w:], long_seg.text, SR).log_probs]
+    expected = predictor.postprocess(np.mean(rows, axis=0))
+    assert turn.prediction.label == expected.label
+    for lab, p in expected.probabilities.items():
+        assert turn.prediction.probabilities[lab] == pytest.approx(p, abs=1e-5)
+    first = predictor.predict_conversation(root / "call.wav", [long_seg]).turns[0]
+    assert first.windows == 1 and first.truncated
+
+
+def _bad_cases(call):
+    root, segs = call
+    s0 = segs[0]
+    return {
+        "unknown_format": ("call.txt", "hello", "unknown transcript format '.txt'"),
+        "unparseable_vtt": ("bad.vtt", "this is not a subtitle file\n", "no segments found"),
+        "unparseable_json": ("bad.json", "[{\"start\": 0,", "unparseable JSON"),
+        "end_before_start": ("bad.json", as_json([Segment(2.0, 1.0, "x", "A")]), "segment 0 (2.000-1.000 s): ends before it starts"),
+        "outside_audio": ("bad.srt", srt([s0, Segment(30.0, 31.0, "late", "A")]), "segment 1 (30.000-31.000 s): outside the audio"),
+        "empty_text": ("bad.json", as_json([s0, Segment(3.0, 4.0, "  ", "A")]), "segment 1 (3.000-4.000 s): empty text"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown_format", "unparseable_vtt", "unparseable_json", "end_before_start",
+                                  "outside_audio", "empty_text"])
+def test_bad_transcripts_refused_via_api(call, predictor, tmp_path, case):
+    root, _ = call
+    name, content, message = _bad_cases(call)[case]
+    (tmp_path / name).write_text(content)
+    with pytest.raises(TranscriptError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        predictor.predict_conversation(root / "call.wav", tmp_path / name)
+
+
+def test_recording_over_the_limit_and_overlaps(call, predictor):
+    root, segs = call
+    with pytest.raises(TranscriptError, match="longer than the 5 s maximum"):
+        predictor.predict_conversation(root / "call.wav", segs, max_seconds=5)
+    overlap = [segs[0], Segment(segs[0].start + 0.2, segs[0].end, segs[0].text, "Alice"),
+               Segment(segs[0].start + 0.2, segs[0].end, segs[0].text, "Bob")]
+    result = predictor.predict_conversation(root / "call.wav", overlap)
+    assert len(result.turns) == 3
+    assert len(result.warnings) == 1 and "segment 1" in result.warnings[0] and "'Alice'" in result.warnings[0]
+
+
+def test_segment_too_short_names_the_segment(call, predictor):
+    root, segs = call
+    with pytest.raises(ValueError, match=r"segment 0 \(0\.500-0\.550 s\): .*shorter than"):
+        predictor.predict_conversation(root / "call.wav", [Segment(0.5, 0.55, "hi", "A")])
+
+
+def test_long_recording_is_read_segment_by_segment(predictor, tmp_path, monkeypatch):
+    """10 minutes at 8 kHz, a 3 s turn every 10 s: reads are per segment and never the whole file,
+    and Python-side allocations (4 segments at a time) stay far below the decoded recording
+    (19 MB as float32)."""
+    rate, minutes = 8000, 10
+    audio = tmp_path / "long.wav"
+    with sf.SoundFile(audio, "w", rate, 1, subtype="PCM_16") as out:
+        for k in range(minutes * 6):
+            out.write(tone(10.0, rate=rate, freq=150 + 10 * (k % 7), seed=k))
+    segments = [Segment(10.0 * k + 1, 10.0 * k + 4, f"turn {k}", "AB"[k % 2]) for k in range(minutes * 6)]
+    reads = []
+    real_read = conv._Recording.read
+    monkeypatch.setattr(conv._Recording, "read", lambda self, s, n: reads.append(n) or real_read(self, s, n))
+    tracemalloc.start()
+    try:
+        result = predictor.predict_conversation(audio, segments, batch_size=4)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(result.turns) == len(segments) and len(reads) == len(segments)
+    assert max(reads) == pytest.approx(3.0)
+    assert peak < 8 * 2**20, f"peak Python allocations {peak / 2**20:.1f} MiB"
+
+
+def test_outputs_and_plot(call, predictor, tmp_path):
+    root, segs = call
+    result = predictor.predict_conversation(root / "call.wav", segs)
+    conv.write_turns(result, tmp_path / "turns.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "turns.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == [t.prediction.label for t in result.turns]
+    assert rows[-1]["truncated"] is True and rows[0]["speaker"] == "Alice"
+    conv.write_turns(result, tmp_path / "turns.csv")
+    lines = (tmp_path / "turns.csv").read_text().splitlines()
+    assert len(lines) == len(segs) + 1 and lines[0].startswith("start,end,speaker,text,label,truncated")
+    pytest.importorskip("matplotlib")
+    conv.plot_timeline(result, tmp_path / "timeline.png")
+    png = (tmp_path / "timeline.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["timeline.png", "turns.csv", "turns.jsonl"]  # no temp files
