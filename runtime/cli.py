@@ -26,6 +26,7 @@ import typer
 from dmf.cliutil import console, fail
 from dmf.contract import MAX_CLIP_SECONDS
 
+from .conversation import MAX_RECORDING_SECONDS
 from .server import ServeOptions
 
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
@@ -118,21 +119,107 @@ def _predict_manifest(predictor, rows, out: Path, kind: str, batch_size: int, pr
     console().print(f"wrote {out}")
 
 
+# -------------------------------------------------------------------------- predict --transcript
+
+def _conversation_plan(audio, text, manifest, out, plot, policy: str, transcript: Path):
+    """Everything checked before the model loads (nothing is run or written on error): the
+    options, --out's and --plot's types, matplotlib for --plot, and the transcript itself."""
+    from .conversation import POLICIES, TranscriptError, output_kind, read_transcript, require_matplotlib
+
+    if text is not None or manifest is not None:
+        fail("--transcript goes with --audio RECORDING only, not with --text or --manifest")
+    if audio is None:
+        fail("--transcript needs --audio RECORDING")
+    if policy not in POLICIES:
+        fail(f"--policy {policy!r} is invalid: expected one of {', '.join(POLICIES)}")
+    if plot is not None and plot.suffix.lower() != ".png":
+        fail(f"--plot {plot}: expected a .png file")
+    try:
+        if out is not None:
+            output_kind(out)
+        if plot is not None:
+            require_matplotlib()
+        return read_transcript(transcript)
+    except (TranscriptError, ValueError, ImportError) as exc:
+        fail(exc)
+
+
+def _predict_conversation(predictor, audio: Path, transcript: Path, segments, out, plot, policy: str,
+                          max_recording_seconds: float, progress: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .conversation import TranscriptError, plot_timeline, write_turns
+    from .engines import EngineError
+    from .predictor import INPUT_ERRORS
+
+    columns = (TextColumn("segments"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console(), disable=not progress) as bar:
+            task = bar.add_task("predict", total=len(segments))
+            result = predictor.predict_conversation(
+                str(audio), segments, policy=policy, name=str(transcript), max_seconds=max_recording_seconds,
+                progress=lambda n: bar.advance(task, n))
+        if plot is not None:
+            plot_timeline(result, plot)
+        if out is not None:
+            write_turns(result, out)
+    except INPUT_ERRORS + (TranscriptError, EngineError) as exc:
+        fail(exc)
+    except OSError as exc:
+        fail(f"cannot write: {exc.strerror or exc}: {exc.filename or ''}")
+    _print_conversation(result, out, plot)
+
+
+def _print_conversation(result, out, plot) -> None:
+    """Warnings and the per-speaker summary on stderr; the turns on stdout when there is no --out."""
+    from rich.markup import escape
+
+    con = console()
+    for warning in result.warnings:
+        con.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    if out is None:
+        for t in result.turns:
+            p, s = t.prediction, t.segment
+            typer.echo(f"{s.start:9.3f} {s.end:9.3f}  {s.speaker or '?':<12} {p.label:<8} "
+                       f"{p.probabilities[p.label]:.3f}{'  (truncated)' if t.truncated else ''}")
+    for speaker, shares in result.summary.items():
+        parts = ", ".join(f"{lab} {share:.0%}" for lab, share in sorted(shares.items(), key=lambda kv: -kv[1]) if share)
+        con.print(f"{escape(speaker)}: {parts}")
+    truncated = sum(t.truncated for t in result.turns)
+    if truncated:
+        con.print(f"{truncated} segment(s) longer than the model's window (policy {result.policy})")
+    for path in (out, plot):
+        if path is not None:
+            con.print(f"wrote {path}")
+
+
 def predict(
     artifact: Path = typer.Argument(..., help="Artifact folder written by `dmf export`."),
     audio: Optional[Path] = typer.Option(None, "--audio", help="One audio file (WAV, FLAC, ...)."),
     text: Optional[str] = typer.Option(None, "--text", help="Its transcript."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV/TSV/JSONL with audio, text[, id]."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Manifest output: .csv or .jsonl."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Manifest or --transcript output: .csv or .jsonl."),
     as_json: bool = typer.Option(False, "--json", help="Print the single prediction as JSON."),
     engine: str = typer.Option("auto", "--engine", help="auto (the fastest the artifact, installed packages and CPU allow), onnx, openvino or trt."),
     providers: Optional[str] = typer.Option(None, "--providers", help="ORT providers, e.g. cuda,cpu."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
     batch_size: int = typer.Option(16, "--batch-size", help="Manifest rows per batch (capped by max_batch)."),
     max_seconds: float = typer.Option(MAX_CLIP_SECONDS, "--max-seconds", help="Longest accepted clip, in seconds."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar for manifests."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar for manifests and recordings."),
+    transcript: Optional[Path] = typer.Option(None, "--transcript", help="With --audio RECORDING: a .vtt, .srt or .json transcript; one prediction per segment."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="With --transcript: an emotion timeline PNG (needs matplotlib)."),
+    policy: str = typer.Option("first", "--policy", help="With --transcript, segments longer than the model's window: first (its first window) or windows (average of all)."),
+    max_recording_seconds: float = typer.Option(MAX_RECORDING_SECONDS, "--max-recording-seconds", help="With --transcript: longest accepted recording, s."),
 ) -> None:
-    """Predict the emotion of one clip + transcript, or of every row of a manifest."""
+    """Predict the emotion of one clip + transcript, of every row of a manifest, or of every
+    segment of a recording's time-stamped transcript (--audio RECORDING --transcript FILE)."""
+    if transcript is not None:
+        segments = _conversation_plan(audio, text, manifest, out, plot, policy, transcript)
+        predictor = _load_predictor(artifact, engine, providers, threads, max_seconds)
+        _predict_conversation(predictor, audio, transcript, segments, out, plot, policy, max_recording_seconds, progress)
+        return
+    if plot is not None:
+        fail("--plot goes with --audio RECORDING --transcript FILE")
     _check_predict_args(audio, text, manifest, out, batch_size)
     if manifest is None:
         _predict_one(_load_predictor(artifact, engine, providers, threads, max_seconds), audio, text, as_json)

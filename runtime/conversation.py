@@ -370,12 +370,16 @@ def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
         raise
 
 
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def require_matplotlib() -> None:
     """Checked before a run that will plot, so a missing package does not waste the run."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ImportError("--plot needs matplotlib (`pip install matplotlib`; it is not a runtime dependency)") from None
+    if not _has_matplotlib():
+        raise ImportError("--plot needs matplotlib (`pip install matplotlib`; it is not a runtime dependency)")
 
 
 def plot_timeline(conversation: Conversation, path: str | Path) -> None:

@@ -189,3 +189,63 @@ def test_outputs_and_plot(call, predictor, tmp_path):
     png = (tmp_path / "timeline.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["timeline.png", "turns.csv", "turns.jsonl"]  # no temp files
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def _invoke(*args):
+    import typer
+
+    from dmf.runtime.cli import register
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    register(app)
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_cli_conversation_writes_turns_plot_and_summary(call, rt, predictor, tmp_path):
+    root, segs = call
+    out, plot = tmp_path / "turns.jsonl", tmp_path / "timeline.png"
+    args = [rt.artifact, "--audio", root / "call.wav", "--transcript", root / "call.vtt", "--out", out, "--threads", 1]
+    if conv._has_matplotlib():
+        args += ["--plot", plot]
+    code, output = _invoke("predict", *args)
+    assert code == 0, output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = predictor.predict_conversation(root / "call.wav", segs)
+    assert [r["label"] for r in rows] == [t.prediction.label for t in expected.turns]
+    assert "Alice:" in output and "Bob:" in output and "1 segment(s) longer than the model's window" in output
+    if conv._has_matplotlib():
+        assert plot.stat().st_size > 5000
+    code, output = _invoke("predict", rt.artifact, "--audio", root / "call.wav", "--transcript", root / "call.srt",
+                           "--policy", "windows", "--threads", 1)
+    assert code == 0, output
+    assert len([line for line in output.splitlines() if "Alice" in line and "." in line]) >= 3  # turns on stdout
+
+
+@pytest.mark.parametrize("case", ["unknown_format", "unparseable_vtt", "unparseable_json", "end_before_start",
+                                  "outside_audio", "empty_text"])
+def test_cli_bad_transcripts_exit_2_and_write_nothing(call, rt, tmp_path, case):
+    root, _ = call
+    name, content, message = _bad_cases(call)[case]
+    (tmp_path / name).write_text(content)
+    out = tmp_path / "out" / "turns.jsonl"
+    out.parent.mkdir()
+    code, output = _invoke("predict", rt.artifact, "--audio", root / "call.wav", "--transcript", tmp_path / name,
+                           "--out", out, "--threads", 1)
+    assert code == 2 and "error:" in output and message in " ".join(output.split()), output
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--policy", "middle"], "--policy 'middle' is invalid"),
+    (["--out", "turns.txt"], "unknown output type '.txt'"),
+    (["--text", "hello"], "--transcript goes with --audio RECORDING only"),
+    (["--max-recording-seconds", "5"], "longer than the 5 s maximum"),
+])
+def test_cli_bad_options_exit_2(call, rt, tmp_path, extra, message):
+    root, _ = call
+    code, output = _invoke("predict", rt.artifact, "--audio", root / "call.wav", "--transcript", root / "call.json",
+                           "--threads", 1, *extra)
+    assert code == 2 and message in " ".join(output.split()), output
