@@ -145,7 +145,8 @@ def _conversation_plan(audio, text, manifest, out, plot, policy: str, transcript
 
 
 def _predict_conversation(predictor, audio: Path, transcript: Path, segments, out, plot, policy: str,
-                          max_recording_seconds: float, progress: bool) -> None:
+                          limits: tuple[float, int], progress: bool) -> None:
+    """limits: (longest recording in s, segments per batch): the batch, not the recording, sets memory."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .conversation import TranscriptError, plot_timeline, write_turns
@@ -157,7 +158,7 @@ def _predict_conversation(predictor, audio: Path, transcript: Path, segments, ou
         with Progress(*columns, console=console(), disable=not progress) as bar:
             task = bar.add_task("predict", total=len(segments))
             result = predictor.predict_conversation(
-                str(audio), segments, policy=policy, name=str(transcript), max_seconds=max_recording_seconds,
+                str(audio), segments, policy=policy, name=str(transcript), max_seconds=limits[0], batch_size=limits[1],
                 progress=lambda n: bar.advance(task, n))
         if plot is not None:
             plot_timeline(result, plot)
@@ -203,7 +204,7 @@ def predict(
     engine: str = typer.Option("auto", "--engine", help="auto (the fastest the artifact, installed packages and CPU allow), onnx, openvino or trt."),
     providers: Optional[str] = typer.Option(None, "--providers", help="ORT providers, e.g. cuda,cpu."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Manifest rows per batch (capped by max_batch)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Manifest rows or transcript segments per batch (capped by max_batch)."),
     max_seconds: float = typer.Option(MAX_CLIP_SECONDS, "--max-seconds", help="Longest accepted clip, in seconds."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar for manifests and recordings."),
     transcript: Optional[Path] = typer.Option(None, "--transcript", help="With --audio RECORDING: a .vtt, .srt or .json transcript; one prediction per segment."),
@@ -214,9 +215,12 @@ def predict(
     """Predict the emotion of one clip + transcript, of every row of a manifest, or of every
     segment of a recording's time-stamped transcript (--audio RECORDING --transcript FILE)."""
     if transcript is not None:
+        if batch_size < 1:
+            fail(f"--batch-size {batch_size} is invalid: expected an integer >= 1")
         segments = _conversation_plan(audio, text, manifest, out, plot, policy, transcript)
         predictor = _load_predictor(artifact, engine, providers, threads, max_seconds)
-        _predict_conversation(predictor, audio, transcript, segments, out, plot, policy, max_recording_seconds, progress)
+        _predict_conversation(predictor, audio, transcript, segments, out, plot, policy,
+                              (max_recording_seconds, batch_size), progress)
         return
     if plot is not None:
         fail("--plot goes with --audio RECORDING --transcript FILE")

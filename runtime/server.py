@@ -9,6 +9,11 @@ Endpoints (the route table `ROUTES`; each handler reads what it needs from `requ
   that are not finite or out of range; 503 busy, no result within the timeout, or shutting down;
   500 engine failure (the detail goes to the log, never to the client). A bad request never
   affects other requests. A client that disconnects is counted as 499, not as a server error.
+- `POST /v1/conversation`: multipart/form-data with file fields `audio` (the recording) and
+  `transcript` (.vtt, .srt or .json: its file name's suffix decides) and an optional field `policy`
+  (first | windows). 200: `Conversation.to_dict()` (turns, per-speaker summary, warnings). The
+  upload limit applies, and `max_recording_seconds`; a bad transcript is a 400 naming the segment.
+  It counts against max_queue and runs in a worker thread (segments batched by `Predictor.infer`).
 - `GET /healthz`: 200 `{"status": "ok", ...artifact summary}` while serving, 503 when closing.
 - `GET /metrics`: JSON by default; Prometheus text exposition with `?format=prometheus`.
   Request counts by status code, batches, batch-size histogram, request latency p50/p99.
@@ -40,6 +45,7 @@ import numpy as np
 from dmf.contract import MAX_CLIP_SECONDS, MIN_CLIP_SECONDS
 from dmf.preprocess import AudioError, AudioRangeError, TextError
 
+from .conversation import MAX_RECORDING_SECONDS, POLICIES, TranscriptError, read_transcript
 from .batcher import BatcherClosed, MicroBatcher, Overloaded
 from .engines import EngineError
 from .predictor import InputError, Predictor, ResultError
@@ -62,6 +68,7 @@ class ServeOptions:
     max_upload_mb: float = 10.0  # request body limit (413 above it)
     max_audio_seconds: float = MAX_CLIP_SECONDS  # longest accepted clip (the model uses the first input_samples)
     min_audio_seconds: float = MIN_CLIP_SECONDS  # shortest accepted clip
+    max_recording_seconds: float = MAX_RECORDING_SECONDS  # longest recording for /v1/conversation
     max_queue: int = 64  # predict requests at once (reading, queued or running); one more gets 503
     request_timeout_s: float = 30.0  # per predict request: body within it (else 408), result within it (else 503)
     grace_s: float = 10.0  # on SIGTERM, requests still unanswered this long after get 503
@@ -76,7 +83,7 @@ class ServeOptions:
         for name in ("max_wait_ms", "min_audio_seconds", "grace_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} is invalid: expected >= 0")
-        for name in ("max_upload_mb", "max_audio_seconds", "request_timeout_s", "header_timeout_s",
+        for name in ("max_upload_mb", "max_audio_seconds", "max_recording_seconds", "request_timeout_s", "header_timeout_s",
                      "keep_alive_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} = {getattr(self, name)} is invalid: expected > 0")
@@ -106,6 +113,7 @@ ERROR_STATUS: tuple[tuple[type[BaseException], int, bool], ...] = (
     (ResultError, 422, True),  # the model's scores for this input are not finite
     (AudioError, 400, True),
     (TextError, 400, True),
+    (TranscriptError, 400, True),
     (InputError, 400, True),
     (ClientGone, CLIENT_GONE, True),
     (Overloaded, 503, True),
@@ -230,14 +238,16 @@ async def _body(request, limit: int):
         raise ClientGone("the client disconnected while sending its body") from None
 
 
-async def read_form(request, limit: int) -> tuple[io.BytesIO, str | bytes]:
-    """A predict request's body -> (audio as a named stream, text as str or raw bytes)."""
+async def read_form(request, limit: int, fields: Callable | None = None,
+                    expected: str = "fields 'audio' (file) and 'text'"):
+    """A request's multipart body -> `fields(form)`; by default a predict request's (audio as a
+    named stream, text as str or raw bytes). `expected` names the fields in the 415 message."""
     from python_multipart.multipart import parse_options_header
     from starlette.formparsers import MultiPartException
 
     kind, _ = parse_options_header(request.headers.get("content-type", ""))
     if kind != b"multipart/form-data":
-        raise HTTPError(415, "expected a multipart/form-data body with fields 'audio' (file) and 'text'")
+        raise HTTPError(415, f"expected a multipart/form-data body with {expected}")
     parser = _parser_class()(request.headers, _body(request, limit), max_files=MAX_PARTS,
                              max_fields=MAX_PARTS, max_part_size=MAX_FIELD_BYTES)
     try:
@@ -245,9 +255,28 @@ async def read_form(request, limit: int) -> tuple[io.BytesIO, str | bytes]:
     except MultiPartException as exc:
         raise HTTPError(400, f"malformed multipart body: {exc.message}") from None
     try:
-        return await _form_fields(form)
+        return await (fields or _form_fields)(form)
     finally:
         await form.close()
+
+
+async def _conversation_fields(form) -> tuple[io.BytesIO, bytes, str, str]:
+    """/v1/conversation's form -> (recording, transcript bytes, transcript file name, policy)."""
+    unknown = sorted(set(form.keys()) - {"audio", "transcript", "policy"})
+    if unknown or "audio" not in form or "transcript" not in form:
+        raise HTTPError(400, f"expected file fields 'audio' and 'transcript' and an optional 'policy'"
+                             f"{f', got unknown field(s) {unknown}' if unknown else ''}")
+    upload, transcript = form["audio"], form["transcript"]
+    if not hasattr(upload, "read") or not hasattr(transcript, "read"):
+        raise HTTPError(400, "audio and transcript must be file parts (curl -F audio=@call.wav -F transcript=@call.vtt)")
+    policy = form.get("policy", "first")
+    if policy not in POLICIES:
+        raise HTTPError(400, f"policy {policy!r} is invalid: expected one of {', '.join(POLICIES)}")
+    audio = io.BytesIO(await upload.read())
+    if not audio.getbuffer().nbytes:
+        raise HTTPError(400, "audio: the uploaded file is empty (0 bytes)")
+    audio.name = f"audio ({upload.filename})" if upload.filename else "audio"
+    return audio, await transcript.read(), transcript.filename or "transcript", policy
 
 
 async def _form_fields(form) -> tuple[io.BytesIO, str | bytes]:
@@ -306,6 +335,20 @@ async def _predict(request) -> dict:
     return {**result.to_dict(), "truncated": truncated}
 
 
+async def _conversation(request) -> dict:
+    state = request.app.state
+    opts: ServeOptions = state.options
+    deadline = time.monotonic() + opts.request_timeout_s
+    audio, raw, name, policy = await _within(
+        read_form(request, opts.max_upload_bytes, _conversation_fields, "file fields 'audio' and 'transcript'"),
+        deadline, state.shutdown, 408, f"request body not received within {opts.request_timeout_s:g} s")
+    segments = read_transcript(raw, name=name)
+    # a long recording takes as long as its segments: run off the event loop, without the result timeout
+    result = await asyncio.to_thread(state.predictor.predict_conversation, audio, segments, policy=policy,
+                                     name=name, max_seconds=opts.max_recording_seconds)
+    return result.to_dict()
+
+
 def _json(status: int, payload: Any):
     from starlette.responses import JSONResponse
 
@@ -316,13 +359,22 @@ def _json(status: int, payload: Any):
 
 async def predict_route(request):
     """POST /v1/predict: admission (max_queue), then the form, the batcher, and one counted answer."""
+    return await _answer(request, _predict)
+
+
+async def conversation_route(request):
+    """POST /v1/conversation: admission (max_queue), the form, every segment, one counted answer."""
+    return await _answer(request, _conversation)
+
+
+async def _answer(request, work: Callable[[Any], Awaitable[dict]]):
     state = request.app.state
     t0 = time.perf_counter()
     if not state.metrics.admit(state.options.max_queue):
         status, payload = 503, {"error": f"server busy: {state.options.max_queue} requests in progress; retry later"}
     else:
         try:
-            status, payload = 200, await _predict(request)
+            status, payload = 200, await work(request)
         except Exception as exc:  # every error becomes a JSON answer; none reaches the client raw
             status, message = error_reply(exc)
             payload = {"error": message}
@@ -360,6 +412,7 @@ async def metrics_route(request):
 # (method, path, handler): add a route here; handlers take the request and read app.state.
 ROUTES: list[tuple[str, str, Callable]] = [
     ("POST", "/v1/predict", predict_route),
+    ("POST", "/v1/conversation", conversation_route),
     ("GET", "/healthz", health_route),
     ("GET", "/metrics", metrics_route),
 ]

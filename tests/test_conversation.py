@@ -249,3 +249,59 @@ def test_cli_bad_options_exit_2(call, rt, tmp_path, extra, message):
     code, output = _invoke("predict", rt.artifact, "--audio", root / "call.wav", "--transcript", root / "call.json",
                            "--threads", 1, *extra)
     assert code == 2 and message in " ".join(output.split()), output
+
+
+# ------------------------------------------------------------------------------------------ HTTP
+
+@pytest.fixture(scope="module")
+def client(predictor):
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from dmf.runtime import ServeOptions, create_app
+
+    with TestClient(create_app(predictor, ServeOptions(max_recording_seconds=60))) as c:
+        yield c
+
+
+def _post(client, root, transcript_name, transcript: bytes, **data):
+    audio = (root / "call.wav").read_bytes()
+    return client.post("/v1/conversation", data=data,
+                       files={"audio": ("call.wav", audio, "audio/wav"), "transcript": (transcript_name, transcript)})
+
+
+def test_http_conversation_matches_the_api(call, predictor, client):
+    root, segs = call
+    r = _post(client, root, "call.vtt", (root / "call.vtt").read_bytes(), policy="windows")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = predictor.predict_conversation(root / "call.wav", segs, policy="windows")
+    assert body["policy"] == "windows" and set(body["summary"]) == {"Alice", "Bob"}
+    for got, exp in zip(body["turns"], expected.turns, strict=True):
+        assert got["label"] == exp.prediction.label and got["truncated"] == exp.truncated
+        assert got["speaker"] == exp.segment.speaker and got["windows"] == exp.windows
+        for lab, p in exp.prediction.probabilities.items():
+            assert got["probabilities"][lab] == pytest.approx(p, abs=1e-5)
+
+
+@pytest.mark.parametrize("case", ["unknown_format", "unparseable_vtt", "unparseable_json", "end_before_start",
+                                  "outside_audio", "empty_text"])
+def test_http_bad_transcripts_are_400_with_the_message(call, client, case):
+    root, _ = call
+    name, content, message = _bad_cases(call)[case]
+    r = _post(client, root, name, content.encode())
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+
+
+def test_http_recording_limit_and_bad_forms(call, client, predictor):
+    root, segs = call
+    from dmf.runtime import ServeOptions, create_app
+    from starlette.testclient import TestClient
+
+    with TestClient(create_app(predictor, ServeOptions(max_recording_seconds=5))) as small:
+        r = _post(small, root, "call.json", as_json(segs).encode())
+    assert r.status_code == 400 and "longer than the 5 s maximum" in r.json()["error"]
+    r = _post(client, root, "call.json", as_json(segs).encode(), policy="middle")
+    assert r.status_code == 400 and "policy 'middle' is invalid" in r.json()["error"]
+    r = client.post("/v1/conversation", files={"audio": ("call.wav", b"RIFF")})
+    assert r.status_code == 400 and "'transcript'" in r.json()["error"]
