@@ -52,8 +52,7 @@ def run_demo(options: DemoOptions, say) -> dict:
         summary["models"][fusion] = {"fold1": metrics,
                                      "exports": {name: _parity(p) for name, p in artifacts[fusion].items()}}
     summary["predictions"] = _predict_heldout(corpus, artifacts["memory"]["onnx"], options, say)
-    written = [p for by_name in artifacts.values() for p in by_name.values() if isinstance(p, Path)]
-    summary["bench"] = _bench(written, options, say)
+    summary["bench"] = _bench(artifacts, options, say)
     _write_summary(summary, options.out)
     return summary
 
@@ -125,39 +124,62 @@ def _predict_heldout(corpus, artifact: Path, options: DemoOptions, say) -> list[
              "confidence": max(p.probabilities.values())} for u, p in zip(test, preds)]
 
 
-def _bench(artifacts: list[Path], options: DemoOptions, say) -> dict:
+def _bench(artifacts: dict[str, dict[str, Path | str]], options: DemoOptions, say) -> dict:
+    """Every written artifact (and torch on their checkpoints); an engine without an artifact is
+    reported as skipped with why: its export's refusal, or that the demo does not make it."""
     from dmf.bench.bench import BenchOptions, artifact_cases, run_bench
     from dmf.bench.measure import TimingOptions
 
+    cases = artifact_cases([p for by_name in artifacts.values() for p in by_name.values() if isinstance(p, Path)])
+    explain_missing(cases, artifacts, options.bench_engines)
     bench_options = BenchOptions(engines=options.bench_engines, batch_sizes=options.batch_sizes,
                                  timing=TimingOptions(warmup=2, min_runs=10, min_seconds=1.0))
-    return run_bench(artifact_cases(artifacts), bench_options, progress=say)
+    return run_bench(cases, bench_options, progress=say)
+
+
+def explain_missing(cases: list, artifacts: dict[str, dict[str, Path | str]], engines: tuple[str, ...]) -> None:
+    """Record in each case why a bench engine has no artifact: its export's refusal, or that the
+    demo does not make it (bench.Case.unavailable: the bench reports it as skipped, with this)."""
+    from dmf.bench.bench import ARTIFACT_ENGINES
+
+    for case in cases:
+        for name in sorted(set(engines) & set(ARTIFACT_ENGINES) - set(case.artifacts)):
+            refused = artifacts.get(case.fusion, {}).get(name)
+            case.unavailable[name] = (f"export refused: {refused}" if isinstance(refused, str)
+                                      else f"the demo does not export {name} for the {case.fusion} model")
 
 
 # ------------------------------------------------------------------------------------- summary
-def _agreement(parity: dict | None) -> str:
-    """Held-out argmax agreement of a reduced-precision export with fp32, "refused" or "-"."""
-    if parity is None:
-        return "-"  # not exported for this fusion
-    if "refused" in parity:
-        return "refused"
-    value = (parity.get("accuracy_gate") or {}).get("argmax_agreement", parity.get("int8_agreement"))
-    return "-" if value is None else f"{value:.3f}"
-
-
 def models_section(summary: dict):
     from dmf.bench.render import Section
 
-    rows = []
-    for fusion, m in summary["models"].items():
-        f, fp32 = m["fold1"], m["exports"].get("onnx", {})
-        rows.append([fusion, f"{f.get('wa', 0):.3f}", f"{f.get('ua', 0):.3f}", f"{f.get('macro_f1', 0):.3f}",
-                     f"{fp32.get('max_abs_diff', float('nan')):.1e}", f"{fp32.get('argmax_agreement', float('nan')):.3f}",
-                     *(_agreement(m["exports"].get(name)) for name in REDUCED)])
-    return Section("dmf demo: synthetic corpus, tiny preset, fold 1 held out",
-                   ["fusion", "WA", "UA", "macro F1", "onnx max |diff|", "onnx agree", *(f"{n} agree" for n in REDUCED)],
-                   rows, "onnx: fp32 ONNX vs torch on the verify inputs; reduced precisions: argmax agreement "
-                   "with fp32 on the held-out fold (accuracy gate: >= 0.99, UA within 1 point)")
+    rows = [[fusion, *(f"{m['fold1'].get(k, 0):.3f}" for k in ("wa", "ua", "macro_f1"))]
+            for fusion, m in summary["models"].items()]
+    return Section("dmf demo: synthetic corpus, tiny preset, fold 1 held out", ["fusion", "WA", "UA", "macro F1"],
+                   rows, "test metrics of the held-out session (torch, fp32)")
+
+
+def _export_row(fusion: str, name: str, parity: dict) -> list[str]:
+    """fp32: against torch on the verify inputs; reduced: the accuracy gate on the held-out fold."""
+    if "refused" in parity:
+        return [fusion, name, "fp32, held out", "refused", "-", "-"]
+    if name not in REDUCED:
+        return [fusion, name, "torch", f"{parity.get('argmax_agreement', float('nan')):.3f}", "-",
+                f"{parity.get('max_abs_diff', float('nan')):.1e}"]
+    gate = parity.get("accuracy_gate") or {}
+    agreement = gate.get("argmax_agreement", parity.get("int8_agreement"))
+    ua = f"{gate['ua_fp32']:.3f} -> {gate['ua']:.3f}" if gate.get("ua") is not None else "-"
+    return [fusion, name, "fp32, held out", "-" if agreement is None else f"{agreement:.3f}", ua, "-"]
+
+
+def exports_section(summary: dict):
+    from dmf.bench.render import Section
+
+    rows = [_export_row(fusion, name, parity) for fusion, m in summary["models"].items()
+            for name, parity in m["exports"].items()]
+    return Section("exports and their checks", ["fusion", "artifact", "against", "agree", "UA", "max |diff|"], rows,
+                   "agree: argmax agreement; reduced precisions pass the accuracy gate on the held-out fold "
+                   "(agreement >= 0.99, UA within 1 point of fp32) or are refused (reasons below)", text_columns=3)
 
 
 def refusals(summary: dict) -> list[str]:
@@ -168,7 +190,7 @@ def refusals(summary: dict) -> list[str]:
 def predictions_section(summary: dict):
     from dmf.bench.render import Section
 
-    rows = [[p["id"], p["text"][:40], p["true"], p["predicted"], f"{p['confidence']:.2f}"]
+    rows = [[p["id"], p["text"][:32], p["true"], p["predicted"], f"{p['confidence']:.2f}"]
             for p in summary["predictions"]]
     return Section("held-out clips (torch-free runtime, memory fusion, ONNX fp32)",
                    ["id", "transcript", "true", "predicted", "p"], rows, text_columns=4)
@@ -178,7 +200,7 @@ def _write_summary(summary: dict, out: Path) -> None:
     from dmf.bench.render import markdown, markdown_sections
 
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=2, default=str))
-    lines = ["# dmf demo", *markdown_sections([models_section(summary)])]
+    lines = ["# dmf demo", *markdown_sections([models_section(summary), exports_section(summary)])]
     lines += ["", *(f"- {line}" for line in refusals(summary))] if refusals(summary) else []
     # the bench report follows, one heading level down
     bench = markdown(summary["bench"]).replace("\n#", "\n##").replace("# dmf bench", "## dmf bench", 1)
@@ -190,7 +212,7 @@ def print_summary(summary: dict) -> None:
     from dmf.cliutil import console
 
     out = console(stderr=False)
-    for table in rich_tables([models_section(summary), predictions_section(summary)]):
+    for table in rich_tables([models_section(summary), exports_section(summary), predictions_section(summary)]):
         out.print(table)
     for line in refusals(summary):
         out.print(line, style="yellow", markup=False)

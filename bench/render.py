@@ -149,10 +149,12 @@ def rich_tables(secs: list[Section]) -> list:
 
     tables = []
     for s in secs:
-        table = Table(title=s.title, caption=s.caption, box=box.SIMPLE_HEAD, padding=(0, 1))
+        # one space between columns and none at the edges: the row table fits 80 columns
+        table = Table(title=s.title, caption=s.caption, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True,
+                      pad_edge=False)
         for i, header in enumerate(s.headers):
-            table.add_column(header, justify="left" if i < s.text_columns else "right", no_wrap=True,
-                             min_width=len(header))
+            width = max([len(header), *(len(row[i]) for row in s.rows)])  # never cut a figure or a name
+            table.add_column(header, justify="left" if i < s.text_columns else "right", no_wrap=True, min_width=width)
         for row in s.rows:
             table.add_row(*row)
         tables.append(table)

@@ -69,7 +69,8 @@ def summary(tmp_path_factory) -> dict:
     fold = {"wa": 0.7, "ua": 0.71, "macro_f1": 0.69, "weighted_f1": 0.7, "train_utterances_per_s": 100.0}
     memory = {"onnx": {"max_abs_diff": 5.7e-6, "argmax_agreement": 1.0},
               "onnx-int8": {"int8_agreement": 1.0, "accuracy_gate": {"argmax_agreement": 1.0}},
-              "openvino-bf16": {"accuracy_gate": {"argmax_agreement": 0.9875}}, "openvino-int8": {"refused": REFUSAL}}
+              "openvino-bf16": {"accuracy_gate": {"argmax_agreement": 0.9875, "ua_fp32": 0.7, "ua": 0.69}},
+              "openvino-int8": {"refused": REFUSAL}}
     naive = {k: memory[k] for k in ("onnx", "onnx-int8")}
     return {"corpus": str(work / "corpus"), "utterances": 400, "bench": bench,
             "models": {"memory": {"fold1": fold, "exports": memory}, "naive": {"fold1": fold, "exports": naive}},
@@ -81,12 +82,23 @@ def test_summary_files_show_every_export_and_the_cpu_line(summary, tmp_path):
     assert json.loads((tmp_path / "demo.json").read_text())["models"]["memory"]["exports"]["openvino-int8"] == {
         "refused": REFUSAL}
     md = (tmp_path / "demo.md").read_text()
-    assert "| openvino-bf16 agree | openvino-int8 agree |" in md
-    assert "| memory | 0.700 | 0.710 | 0.690 | 5.7e-06 | 1.000 | 1.000 | 0.988 | refused |" in md
-    assert "| naive | 0.700 | 0.710 | 0.690 | 5.7e-06 | 1.000 | 1.000 | - | - |" in md  # openvino: memory only
+    assert "| memory | 0.700 | 0.710 | 0.690 |" in md and "| naive | 0.700 | 0.710 | 0.690 |" in md
+    assert "| memory | onnx | torch | 1.000 | - | 5.7e-06 |" in md
+    assert "| memory | openvino-bf16 | fp32, held out | 0.988 | 0.700 -> 0.690 | - |" in md
+    assert "| memory | openvino-int8 | fp32, held out | refused | - | - |" in md
+    assert "| naive | onnx-int8 | fp32, held out | 1.000 | - | - |" in md and "| naive | openvino" not in md
     assert f"memory openvino-int8 refused: {REFUSAL}" in md
     assert summary["bench"]["machine"]["cpu_line"] in md and "## dmf bench" in md and "xpaper" not in md
     assert "onnx (memory): no onnx artifact given" in md
+
+
+def test_missing_engines_are_explained():
+    cases = [Case(fusion="memory", checkpoint=None, artifacts={"onnx": Path("a")}),
+             Case(fusion="naive", checkpoint=None, artifacts={"onnx": Path("b")})]
+    D.explain_missing(cases, {"memory": {"onnx-int8": REFUSAL}}, ("torch", "onnx", "onnx-int8", "openvino-int8"))
+    assert cases[0].unavailable == {"onnx-int8": f"export refused: {REFUSAL}",
+                                    "openvino-int8": "the demo does not export openvino-int8 for the memory model"}
+    assert set(cases[1].unavailable) == {"onnx-int8", "openvino-int8"}  # torch and onnx need no explaining
 
 
 def test_printed_summary_has_the_cpu_line_and_the_refusal(summary, capsys):
