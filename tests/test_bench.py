@@ -10,7 +10,6 @@ the other jobs' threads and a tiny model's call goes from ~10 ms to over a secon
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,3 +300,13 @@ def test_batcher_option_times_one_artifact(cases, tmp_path):
     assert [r["max_batch"] for r in saved["batcher"]] == [2, 2, 2] and saved["batcher"][0]["workers"] == 1
     assert all(1 <= r["mean_batch_size"] <= 2 for r in saved["batcher"])
     assert saved["engine"]["name"] == "onnx" and saved["machine"]["cpu_line"] in (tmp_path / "batcher.md").read_text()
+
+
+def test_batcher_path_imports_no_torch():
+    """`dmf bench ARTIFACT --batcher` runs on a runtime-only install: its modules import no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dmf.bench.batcher, dmf.bench.render, dmf.bench.cli; "
+            "assert not {'torch', 'transformers'} & set(sys.modules), sorted(m for m in sys.modules if 'torch' in m)")
+    subprocess.run([sys.executable, "-c", code], check=True)
