@@ -384,7 +384,7 @@ def require_matplotlib() -> None:
 
 def plot_timeline(conversation: Conversation, path: str | Path) -> None:
     """An emotion timeline PNG: time on x, one lane per speaker, a bar per turn coloured by its
-    label, opacity by its probability (confidence); a legend of labels. Written atomically."""
+    label, opacity by its probability (chance: faint, 1: solid); a legend of labels. Written atomically."""
     require_matplotlib()
     import matplotlib
 
@@ -397,14 +397,20 @@ def plot_timeline(conversation: Conversation, path: str | Path) -> None:
     labels = list(turns[0].prediction.probabilities) if turns else []
     colours = {lab: plt.get_cmap("tab10")(i % 10) for i, lab in enumerate(labels)}
     fig, ax = plt.subplots(figsize=(12, 1.2 + 0.6 * len(speakers)))
+    chance = 1.0 / max(len(labels), 1)
+    span = max((t.segment.end for t in turns), default=1.0)
     for t in turns:
         lane, p = speakers.index(t.segment.speaker or "?"), t.prediction
+        # opacity spans chance (faint) .. certain (solid): a label the model barely prefers looks it
+        sure = (p.probabilities[p.label] - chance) / (1.0 - chance) if chance < 1 else 1.0
         ax.barh(lane, t.segment.end - t.segment.start, left=t.segment.start, height=0.7,
-                color=colours[p.label], alpha=0.25 + 0.75 * p.probabilities[p.label], edgecolor="none")
+                color=colours[p.label], alpha=0.25 + 0.75 * sure, edgecolor="none")
+        if t.segment.end - t.segment.start > span / 60:  # wide enough to name its label
+            ax.text((t.segment.start + t.segment.end) / 2, lane, p.label, ha="center", va="center", fontsize=7)
     ax.set_yticks(range(len(speakers)), speakers)
     ax.invert_yaxis()
     ax.set_xlabel("time (s)")
-    ax.set_title("emotion by turn (opacity: confidence)")
+    ax.set_title("emotion by turn (opacity: confidence, from chance to certain)")
     ax.legend(handles=[Patch(color=colours[x], label=x) for x in labels], loc="upper left",
               bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()

@@ -123,14 +123,22 @@ def _bad_cases(call):
     }
 
 
-@pytest.mark.parametrize("case", ["unknown_format", "unparseable_vtt", "unparseable_json", "end_before_start",
-                                  "outside_audio", "empty_text"])
+BAD_CASES = ["unknown_format", "unparseable_vtt", "unparseable_json", "end_before_start", "outside_audio", "empty_text"]
+
+
+def _write_bad(call, folder, case):
+    """The bad transcript `case` written under `folder` -> (its path, the expected message)."""
+    name, content, message = _bad_cases(call)[case]
+    (folder / name).write_text(content)
+    return folder / name, message
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_transcripts_refused_via_api(call, predictor, tmp_path, case):
     root, _ = call
-    name, content, message = _bad_cases(call)[case]
-    (tmp_path / name).write_text(content)
+    path, message = _write_bad(call, tmp_path, case)
     with pytest.raises(TranscriptError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        predictor.predict_conversation(root / "call.wav", tmp_path / name)
+        predictor.predict_conversation(root / "call.wav", path)
 
 
 def test_recording_over_the_limit_and_overlaps(call, predictor):
@@ -224,15 +232,13 @@ def test_cli_conversation_writes_turns_plot_and_summary(call, rt, predictor, tmp
     assert len([line for line in output.splitlines() if "Alice" in line and "." in line]) >= 3  # turns on stdout
 
 
-@pytest.mark.parametrize("case", ["unknown_format", "unparseable_vtt", "unparseable_json", "end_before_start",
-                                  "outside_audio", "empty_text"])
+@pytest.mark.parametrize("case", BAD_CASES)
 def test_cli_bad_transcripts_exit_2_and_write_nothing(call, rt, tmp_path, case):
     root, _ = call
-    name, content, message = _bad_cases(call)[case]
-    (tmp_path / name).write_text(content)
+    path, message = _write_bad(call, tmp_path, case)
     out = tmp_path / "out" / "turns.jsonl"
     out.parent.mkdir()
-    code, output = _invoke("predict", rt.artifact, "--audio", root / "call.wav", "--transcript", tmp_path / name,
+    code, output = _invoke("predict", rt.artifact, "--audio", root / "call.wav", "--transcript", path,
                            "--out", out, "--threads", 1)
     assert code == 2 and "error:" in output and message in " ".join(output.split()), output
     assert list(out.parent.iterdir()) == []
@@ -284,8 +290,7 @@ def test_http_conversation_matches_the_api(call, predictor, client):
             assert got["probabilities"][lab] == pytest.approx(p, abs=1e-5)
 
 
-@pytest.mark.parametrize("case", ["unknown_format", "unparseable_vtt", "unparseable_json", "end_before_start",
-                                  "outside_audio", "empty_text"])
+@pytest.mark.parametrize("case", BAD_CASES)
 def test_http_bad_transcripts_are_400_with_the_message(call, client, case):
     root, _ = call
     name, content, message = _bad_cases(call)[case]
