@@ -244,6 +244,7 @@ def serve(
     max_upload_mb: float = typer.Option(ServeOptions.max_upload_mb, "--max-upload-mb", help="Request body limit, MiB (413 above)."),
     workers: int = typer.Option(ServeOptions.workers, "--workers", help="Batches run at once (CPU: 2 with --threads 1)."),
     max_audio_seconds: float = typer.Option(ServeOptions.max_audio_seconds, "--max-audio-seconds", help="Longest accepted clip, s."),
+    max_recording_seconds: float = typer.Option(ServeOptions.max_recording_seconds, "--max-recording-seconds", help="Longest recording for /v1/conversation, s."),
     timeout: float = typer.Option(ServeOptions.request_timeout_s, "--timeout", help="Per request, s: body (else 408) and result (else 503)."),
     max_queue: int = typer.Option(ServeOptions.max_queue, "--max-queue", help="Predict requests at once; one more gets 503."),
     grace: float = typer.Option(ServeOptions.grace_s, "--grace", help="On SIGTERM, s before unanswered requests get 503."),
@@ -252,7 +253,7 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
-    """Serve predictions over HTTP: POST /v1/predict, GET /healthz, GET /metrics."""
+    """Serve predictions over HTTP: POST /v1/predict, POST /v1/conversation, GET /healthz, GET /metrics."""
     try:
         import python_multipart  # noqa: F401
         import starlette  # noqa: F401
@@ -263,7 +264,8 @@ def serve(
 
     try:
         options = ServeOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb,
-                               max_audio_seconds=max_audio_seconds, workers=workers, request_timeout_s=timeout,
+                               max_audio_seconds=max_audio_seconds, max_recording_seconds=max_recording_seconds,
+                               workers=workers, request_timeout_s=timeout,
                                max_queue=max_queue, grace_s=grace)
     except ValueError as exc:
         fail(exc)

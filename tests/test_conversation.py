@@ -310,3 +310,8 @@ def test_http_recording_limit_and_bad_forms(call, client, predictor):
     assert r.status_code == 400 and "policy 'middle' is invalid" in r.json()["error"]
     r = client.post("/v1/conversation", files={"audio": ("call.wav", b"RIFF")})
     assert r.status_code == 400 and "'transcript'" in r.json()["error"]
+
+
+def test_cli_serve_refuses_a_bad_recording_limit(rt):
+    code, output = _invoke("serve", rt.artifact, "--max-recording-seconds", 0)
+    assert code == 2 and "max_recording_seconds = 0.0 is invalid" in output, output
