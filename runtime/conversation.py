@@ -204,10 +204,13 @@ def predict_conversation(predictor: "Predictor", audio: Any, segments: Sequence[
                          progress: Callable[[int], None] | None = None) -> Conversation:
     """audio: a path, bytes or a seekable binary file. One prediction per segment (see the module
     docstring); `progress(n)` is called as segments finish. `batch_size` segments (default and cap:
-    the predictor's max_batch) are held at once: memory is bounded by it, not by the recording. Raises TranscriptError for a bad
-    transcript and AudioError / TextError (prefixed with the segment) for bad audio or text."""
+    the predictor's max_batch) are held at once: memory follows it, not the recording's length.
+    Raises TranscriptError for a bad transcript and AudioError / TextError / ResultError (prefixed
+    with the segment) for bad audio, text or scores."""
     if policy not in POLICIES:
         raise ValueError(f"policy {policy!r} is invalid: expected one of {POLICIES}")
+    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"batch_size {batch_size!r} is invalid: expected an integer >= 1")
     with _Recording(audio) as rec:
         warnings = check_segments(segments, rec.duration, name, max_seconds)
         turns = []
@@ -240,9 +243,12 @@ def _predict_chunk(predictor: "Predictor", rec: "_Recording", segments: Sequence
     rows, owner = predictor.infer(items), np.asarray(owner)
     turns = []
     for i in chunk:
-        mine = rows[owner == i]  # (windows, C) log-probs
-        turns.append(Turn(segments[i], predictor.postprocess(mine.mean(axis=0)),
-                          truncated=segments[i].end - segments[i].start > window, windows=len(mine)))
+        s, mine = segments[i], rows[owner == i]  # (windows, C) log-probs
+        try:
+            prediction = predictor.postprocess(mine.mean(axis=0))
+        except ValueError as exc:  # ResultError: scores not finite
+            raise type(exc)(f"segment {i} ({s.start:.3f}-{s.end:.3f} s): {exc}") from None
+        turns.append(Turn(s, prediction, truncated=s.end - s.start > window, windows=len(mine)))
     return turns
 
 
@@ -341,6 +347,8 @@ def write_turns(conversation: Conversation, path: str | Path) -> None:
     import csv
     import io
 
+    from .bulk import safe_cell
+
     kind, buf = output_kind(path), io.StringIO()
     rows = [t.to_dict() for t in conversation.turns]
     if kind == "jsonl":
@@ -348,10 +356,11 @@ def write_turns(conversation: Conversation, path: str | Path) -> None:
     else:
         labels = list(rows[0]["probabilities"]) if rows else []
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["start", "end", "speaker", "text", "label", "truncated", "windows"] + [f"p_{x}" for x in labels])
-        for r in rows:
-            writer.writerow([r["start"], r["end"], r["speaker"] or "", r["text"], r["label"], r["truncated"],
-                             r["windows"]] + [f"{r['probabilities'][x]:.6f}" for x in labels])
+        writer.writerow(["start", "end", "speaker", "text", "label", "truncated", "windows"]
+                        + [f"p_{x}" for x in labels])
+        for r in rows:  # speaker and text as text in a spreadsheet, never a formula (as manifest CSVs)
+            writer.writerow([r["start"], r["end"], safe_cell(r["speaker"] or ""), safe_cell(r["text"]), r["label"],
+                             r["truncated"], r["windows"]] + [f"{r['probabilities'][x]:.6f}" for x in labels])
     _atomic_write(Path(path), lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8"))
 
 
@@ -360,7 +369,7 @@ def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     import os
     import tempfile
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(Path(tmp))

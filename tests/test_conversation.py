@@ -7,7 +7,7 @@ the segment, through the API, the CLI and HTTP; a long recording is read segment
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
 import tracemalloc
 
@@ -189,9 +189,13 @@ def test_outputs_and_plot(call, predictor, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "turns.jsonl").read_text().splitlines()]
     assert [r["label"] for r in rows] == [t.prediction.label for t in result.turns]
     assert rows[-1]["truncated"] is True and rows[0]["speaker"] == "Alice"
-    conv.write_turns(result, tmp_path / "turns.csv")
+    formula = dataclasses.replace(result.turns[0], segment=dataclasses.replace(segs[0], text="=1+1"))
+    conv.write_turns(dataclasses.replace(result, turns=[formula] + result.turns[1:]), tmp_path / "turns.csv")
     lines = (tmp_path / "turns.csv").read_text().splitlines()
     assert len(lines) == len(segs) + 1 and lines[0].startswith("start,end,speaker,text,label,truncated")
+    assert ",'=1+1," in lines[1]  # shown as text by a spreadsheet, not run as a formula
+    with pytest.raises(ValueError, match="batch_size 0 is invalid"):
+        predictor.predict_conversation(root / "call.wav", segs, batch_size=0)
     pytest.importorskip("matplotlib")
     conv.plot_timeline(result, tmp_path / "timeline.png")
     png = (tmp_path / "timeline.png").read_bytes()
