@@ -152,19 +152,22 @@ class Composer(nn.Module):
 class WrittenMemory(NamedTuple):
     """What a writer produces in a training step: the new memory state and the top-k gates."""
 
-    memory: torch.Tensor  # (n, d) the kept rows, each scaled by its gate: M' of the paper
+    memory: torch.Tensor  # (n, d) the kept rows, M' of the paper (scaled by their gates unless the gate is trained)
     gate: torch.Tensor  # (n,) sigmoid(score) of each kept row; carries the gradient to the gPool projection
 
 
 class TopKPool(nn.Module):
     """Differentiable top-k pooling (Graph U-Nets gPool): score y = E p / ||p||, keep the k best
-    rows, each scaled by its gate sigmoid(y). The gate is returned too: the paper's only loss on
-    the new memory is a cosine similarity, blind to row scale, so `dmf.loss` weights it by the gates
-    for p to learn (see `dmf.loss.memory_similarity`)."""
+    rows and their gates sigmoid(y). gPool multiplies each kept row by its gate so that whatever
+    consumes the rows trains p; in DMF the only consumer within a step is the similarity loss,
+    blind to row scale, so with `scale_rows=False` the gate reaches p through the loss's selection
+    signal instead (`dmf.loss`): the gates are then scored on detached rows (only p learns from
+    them) and the kept rows are stored unscaled, the gate selecting them."""
 
-    def __init__(self, dim: int, k: int):
+    def __init__(self, dim: int, k: int, scale_rows: bool = True):
         super().__init__()
         self.k = k
+        self.scale_rows = scale_rows  # gPool's row * gate; False when the gate is trained through the loss
         self.projection = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
 
     def scores(self, rows: torch.Tensor) -> torch.Tensor:
@@ -172,10 +175,13 @@ class TopKPool(nn.Module):
         return rows @ self.projection / self.projection.norm()
 
     def forward(self, rows: torch.Tensor) -> WrittenMemory:
-        """rows: (N, d), N >= k -> the k best rows (k, d), gated, and their gates (k,)."""
-        top, index = torch.topk(self.scores(rows), self.k)
+        """rows: (N, d), N >= k -> the k best rows (k, d), scaled by their gates if `scale_rows`,
+        and their gates (k,)."""
+        scores = self.scores(rows if self.scale_rows else rows.detach())  # (N,)
+        top, index = torch.topk(scores, self.k)
         gate = torch.sigmoid(top)
-        return WrittenMemory(rows[index] * gate[:, None], gate)
+        kept = rows[index]
+        return WrittenMemory(kept * gate[:, None] if self.scale_rows else kept, gate)
 
 
 class MemoryWriter(nn.Module):
@@ -185,7 +191,7 @@ class MemoryWriter(nn.Module):
         super().__init__()
         self.transform = nn.TransformerEncoderLayer(
             cfg.embed_dim, cfg.writer_heads, cfg.writer_ff_dim, dropout=0.0, batch_first=True)
-        self.pool = TopKPool(cfg.embed_dim, cfg.memory_slots)
+        self.pool = TopKPool(cfg.embed_dim, cfg.memory_slots, scale_rows=not cfg.similarity_gated)
 
     def forward(self, memory: torch.Tensor, batch: torch.Tensor) -> WrittenMemory:
         """memory: (n, d), batch: (m, d) -> new memory (n, d) and its gates (n,)."""

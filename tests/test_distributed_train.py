@@ -37,8 +37,9 @@ NORMS = ("norm1", "norm2")
 
 def small_config():
     """Tiny preset, 0.5 s clips, 2 rows per rank per step (global batch 4); no classifier dropout, so
-    one process on the global batch draws no other random numbers than the ranks (gradients compare)."""
-    return preset("tiny", max_audio_samples=8000, dropout=0.0).replace(
+    one process on the global batch draws no other random numbers than the ranks (gradients compare);
+    the writer attached, so the similarity term's gradient crosses the all-gather into the encoders."""
+    return preset("tiny", max_audio_samples=8000, dropout=0.0, writer_detach=False).replace(
         "train", batch_size=2, epochs=2, patience=2, seed=0)
 
 

@@ -86,15 +86,17 @@ def test_reader_eval_is_deterministic_training_is_stochastic():
     assert not torch.equal(reader(x, memory), reader(x, memory))  # Gumbel noise
 
 
-def test_topk_pool_keeps_k_best_rows_scaled_by_sigmoid():
-    pool = TopKPool(dim=4, k=2)
+@pytest.mark.parametrize("scale_rows", [True, False])
+def test_topk_pool_keeps_k_best_rows_and_their_gates(scale_rows):
+    pool = TopKPool(dim=4, k=2, scale_rows=scale_rows)
     rows = torch.randn(5, 4)
     scores = rows @ pool.projection / pool.projection.norm()
     best = torch.topk(scores, 2).indices
     out = pool(rows)
     assert out.memory.shape == (2, 4) and out.gate.shape == (2,)
     assert torch.allclose(out.gate, torch.sigmoid(scores[best]))
-    assert torch.allclose(out.memory, rows[best] * torch.sigmoid(scores[best])[:, None])
+    expected = rows[best] * torch.sigmoid(scores[best])[:, None] if scale_rows else rows[best]  # gPool's scaling
+    assert torch.allclose(out.memory, expected)
 
 
 # ------------------------------------------------------------------------------ memory lifecycle
@@ -157,9 +159,19 @@ def test_loss_equals_hand_computed_value():
     half = dmf_loss(log_probs, labels, written, similarity_weight=0.5)
     assert torch.allclose(half.total, nll + 0.5 * sim, atol=1e-6)
     assert torch.allclose(memory_similarity(m_a), torch.tensor(2 / 2 ** 0.5 / 3), atol=1e-6)
-    # gates (1, 1, 0.5): pair weights (1, 0.5, 0.5) over cosines (0, 1/sqrt2, 1/sqrt2)
-    gated = memory_similarity(m_a, torch.tensor([1.0, 1.0, 0.5]))
-    assert torch.allclose(gated, torch.tensor((0.5 + 0.5) / 2 ** 0.5 / 2), atol=1e-6)
+    # with gates, the value stays the paper's; the gates get the gradient of the gate-weighted mean
+    # sum g_i g_j c_ij / sum g_i g_j: pairs (0,1), (0,2), (1,2) with cosines c = (0, 1/sqrt2, 1/sqrt2)
+    gate = torch.tensor([1.0, 1.0, 0.5], requires_grad=True)
+    gated = memory_similarity(m_a, gate)
+    assert torch.allclose(gated, memory_similarity(m_a), atol=1e-7)
+    gated.backward()
+    g, c = gate.detach(), torch.tensor([0.0, 2 ** -0.5, 2 ** -0.5])
+    w = torch.stack([g[0] * g[1], g[0] * g[2], g[1] * g[2]])
+    mean = (w * c).sum() / w.sum()
+    dw = (c - mean) / w.sum()  # d mean / d w_pair
+    expected = torch.stack([dw[0] * g[1] + dw[1] * g[2], dw[0] * g[0] + dw[2] * g[2], dw[1] * g[0] + dw[2] * g[1]])
+    assert torch.allclose(gate.grad, expected, atol=1e-6), (gate.grad, expected)
+    assert gate.grad[2] > 0  # slot 2 is the one similar to the others: gradient descent lowers its gate
     assert torch.equal(dmf_loss(log_probs, labels, None).total, dmf_loss(log_probs, labels, None).nll)
 
 

@@ -62,7 +62,7 @@ def test_topk_selection_changes_as_the_writer_trains(gated):
     """Rows the writer produces, scored by the projection before and after 40 SGD steps on the
     similarity term: the kept set moves only when the gate is in the loss."""
     torch.manual_seed(0)
-    writer = MemoryWriter(preset("tiny").model)
+    writer = MemoryWriter(preset("tiny", similarity_gated=gated).model)
     memory, batch = torch.randn(16, 32), torch.randn(8, 32)  # n = 16 slots, m = 8 new rows
     optimizer = torch.optim.SGD(writer.parameters(), lr=0.1)
     before = writer.pool.projection.detach().clone()
