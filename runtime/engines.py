@@ -14,7 +14,9 @@ opens. onnxruntime, openvino and tensorrt are imported inside the functions that
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -152,7 +154,10 @@ class OrtEngine:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(model.model_path), sess_options=options, providers=chosen)
+            # onnxruntime-gpu prints a multi-line "EP Error ... Falling back" banner when a provider
+            # fails; the lost-provider check below says it in one line instead
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.session = ort.InferenceSession(str(model.model_path), sess_options=options, providers=chosen)
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EngineError(f"{model.model_path}: onnxruntime cannot load the model: {first}") from None

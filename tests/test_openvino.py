@@ -240,3 +240,21 @@ def test_every_runtime_engine_module_imports_without_torch():
             "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_onnxruntime_fallback_banner_becomes_one_engine_error(work, checkpoint, monkeypatch, capsys):
+    """onnxruntime-gpu prints "EP Error ... Falling back" when CUDA fails; the user sees one line."""
+    import onnxruntime as ort
+
+    art = load_artifact(export_checkpoint(checkpoint, work / "onnx-banner"))
+    real = ort.InferenceSession
+
+    def falling_back(path, sess_options=None, providers=None):
+        print("EP Error /onnxruntime_src/... CUDA failure 100: no CUDA-capable device\nFalling back to ['CPU']")
+        return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "InferenceSession", falling_back)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(EngineError, match=r"CUDAExecutionProvider.*failed to initialise") as err:
+        create_engine(art, "onnx", providers="cuda")
+    assert "\n" not in str(err.value) and "EP Error" not in capsys.readouterr().out
