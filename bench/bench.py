@@ -66,6 +66,7 @@ class Case:
     artifacts: dict[str, Path] = field(default_factory=dict)  # bench engine -> artifact dir
     unavailable: dict[str, str] = field(default_factory=dict)  # bench engine -> why it could not be built
     paper_shaped: bool = False  # the paper's dimensions: the xpaper comparison means something
+    model: object = field(default=None, repr=False)  # the checkpoint's DMFModel, loaded once for every use
 
 
 def synthetic_inputs(input_samples: int, max_tokens: int, batch: int, vocab_size: int, seed: int
@@ -87,15 +88,14 @@ def open_engines(case: Case, engines: tuple[str, ...], threads: int, skipped: li
     """bench engine -> an open engine (infer(batch)); what cannot open goes to `skipped` with why."""
     from dmf.cpuinfo import cpu_info
 
-    opened, torch_model = {}, None
+    opened = {}
     for name in engines:
         try:
             if name in TORCH_ENGINES:
                 if TORCH_ENGINES[name] == "bf16" and not cpu_info().bf16:
                     raise BenchError("this CPU has no native bf16 (avx512_bf16 / amx_bf16): torch emulates "
                                      "it, slower than fp32, so it is not a baseline a user would pick")
-                torch_model = torch_model or _torch_model(case)
-                opened[name] = _torch_engine(torch_model, TORCH_ENGINES[name], threads)
+                opened[name] = _torch_engine(_torch_model(case), TORCH_ENGINES[name], threads)
             else:
                 opened[name] = _artifact_engine(case, name, threads)
         except BenchError as exc:
@@ -104,11 +104,15 @@ def open_engines(case: Case, engines: tuple[str, ...], threads: int, skipped: li
 
 
 def _torch_model(case: Case):
+    """The case's checkpoint as an eval model, loaded once: the torch engines, the FLOP count, the
+    head export and the int8 calibration all use the same one."""
     if case.checkpoint is None:
         raise BenchError("no source checkpoint next to the artifact (torch needs the checkpoint)")
-    from dmf.model import DMFModel
+    if case.model is None:
+        from dmf.model import DMFModel
 
-    return DMFModel.from_pretrained(case.checkpoint).eval()
+        case.model = DMFModel.from_pretrained(case.checkpoint).eval()
+    return case.model
 
 
 def _torch_engine(model, precision: str, threads: int):
@@ -356,9 +360,8 @@ def export_for_engines(case: Case, engines: tuple[str, ...], out_root: Path, say
 
 def _synthetic_calibration(case: Case, samples: int = 16) -> dict:
     from dmf.export.verify import verify_inputs
-    from dmf.model import DMFModel
 
-    model = DMFModel.from_pretrained(case.checkpoint)
+    model = _torch_model(case)
     return {"calibration": verify_inputs(model.model_config, model.tokenizer, samples, seed=7)}
 
 
