@@ -21,8 +21,6 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from dmf.cpuinfo import cpu_info
-
 from .artifact import Artifact, ModelFile, TensorSpec
 
 # Engines by the artifact engine ("engine" in dmf.json) they can run.
@@ -232,10 +230,3 @@ def choose_engine(artifact: Artifact, providers: str | Sequence[str] | None = No
     if providers is not None or installed("onnxruntime") or not installed("openvino"):
         return "onnx"
     return "openvino"
-
-
-def describe_choice(artifact: Artifact) -> dict:
-    """Why auto picked what it picked: the CPU line and the installed engines (for /healthz, --json)."""
-    return {"cpu": cpu_info().line(), "installed": [m for m in ("onnxruntime", "openvino", "tensorrt")
-                                                     if installed(m)], "artifact_engine": artifact.engine,
-            "precision": artifact.precision}
