@@ -69,7 +69,7 @@ class Case:
     model: object = field(default=None, repr=False)  # the checkpoint's DMFModel, loaded once for every use
 
 
-def synthetic_inputs(input_samples: int, max_tokens: int, batch: int, vocab_size: int, seed: int
+def synthetic_inputs(*, input_samples: int, max_tokens: int, batch: int, vocab_size: int, seed: int
                      ) -> dict[str, np.ndarray]:
     """Inputs shaped by the artifact contract: normalised audio, token ids, attention mask."""
     from dmf.contract import AUDIO_INPUT, IDS_INPUT, MASK_INPUT
@@ -150,7 +150,7 @@ def run_bench(cases: list[Case], options: BenchOptions = BenchOptions(),
     rows, ratios = [], []
     for batch in options.batch_sizes:
         say(f"timing {len(engines)} engine(s) at batch {batch} in interleaved rounds")
-        inputs = {f: synthetic_inputs(*shape, batch, options.seed) for f, shape in shapes.items()}
+        inputs = {f: synthetic_inputs(**shape, batch=batch, seed=options.seed) for f, shape in shapes.items()}
         calls = {key: (lambda e=engine, x=inputs[key[1]]: e.infer(x)) for key, engine in engines.items()}
         times = time_rounds(calls, options.timing) if calls else {}
         rows += [{"engine": n, "fusion": f, "batch_size": batch, **latency_stats(t, batch)}
@@ -184,19 +184,21 @@ def bound_malloc() -> bool:
         return False
 
 
-def _input_shapes(case: Case) -> tuple[int, int, int]:
-    """(input_samples, max_tokens, vocab size) of the case, from its config or an artifact."""
+def _input_shapes(case: Case) -> dict[str, int]:
+    """{input_samples, max_tokens, vocab_size} of the case, from its config or an artifact. Passed
+    by keyword: positionally, a vocabulary of 99 once went in as the batch size, so "batch 1" timed
+    99 clips and the paper-size bench ran out of memory."""
     import json
 
     if case.checkpoint is not None:
         cfg = json.loads((case.checkpoint / "config.json").read_text())["model"]
         vocab = (cfg.get("text_encoder_config") or {}).get("vocab_size", 100)
-        return cfg["max_audio_samples"], cfg["max_tokens"], int(vocab)
+        return {"input_samples": cfg["max_audio_samples"], "max_tokens": cfg["max_tokens"], "vocab_size": int(vocab)}
     from dmf.runtime.artifact import load_artifact
 
     art = load_artifact(next(iter(case.artifacts.values())), verify=False)
     vocab = (art.meta.get("model_config", {}).get("text_encoder_config") or {}).get("vocab_size", 100)
-    return art.input_samples, art.max_tokens, int(vocab)
+    return {"input_samples": art.input_samples, "max_tokens": art.max_tokens, "vocab_size": int(vocab)}
 
 
 def compute_ratios(times: dict[tuple[str, str], np.ndarray], batch: int, seed: int = 0) -> list[dict]:
@@ -227,7 +229,7 @@ def _flops(case: Case) -> float | None:
     model = _torch_model(case)
     shapes = _input_shapes(case)
     engine = _torch_engine(model, "fp32", None)
-    return flops_per_sample(model, engine.tensors(synthetic_inputs(*shapes, 1, 0)))
+    return flops_per_sample(model, engine.tensors(synthetic_inputs(**shapes, batch=1, seed=0)))
 
 
 def _add_relative_columns(rows: list[dict], flops: dict, peak: float | None, paper: bool) -> None:

@@ -169,6 +169,38 @@ def test_run_bench_rows(result):
     assert result["paper_ms_per_sample"] is None
 
 
+class _RecordingEngine:
+    """Stands in for an engine: records the shape of every batch it is given."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def infer(self, batch):
+        from dmf.contract import AUDIO_INPUT, IDS_INPUT
+
+        self.shapes.append((batch[AUDIO_INPUT].shape, batch[IDS_INPUT].shape, int(batch[IDS_INPUT].max())))
+        return np.zeros((batch[AUDIO_INPUT].shape[0], 4), np.float32)
+
+    def close(self):
+        pass
+
+
+def test_run_bench_times_exactly_the_batch_sizes_asked(cases, monkeypatch):
+    # The bench once passed the vocabulary size where the batch size goes: "batch 1" timed 99 clips.
+    import dmf.bench.bench as bench
+
+    recorders = {}
+    monkeypatch.setattr(bench, "open_engines", lambda case, engines, threads, skipped: {
+        "onnx": recorders.setdefault(case.fusion, _RecordingEngine())})
+    run_bench(cases, BenchOptions(engines=("onnx",), batch_sizes=(1, 3), timing=FAST, measure_peak=False,
+                                  head=False))
+    cfg = json.loads((cases[0].checkpoint / "config.json").read_text())["model"]
+    vocab = cfg["text_encoder_config"]["vocab_size"]
+    for recorder in recorders.values():
+        assert {s[:2] for s in recorder.shapes} == {((b, AUDIO_SAMPLES), (b, cfg["max_tokens"])) for b in (1, 3)}
+        assert max(s[2] for s in recorder.shapes) < vocab
+
+
 def test_run_bench_skips_with_reasons(result):
     skipped = {(s["engine"], s["fusion"]): s["reason"] for s in result["skipped"]}
     assert "TensorRT" in skipped[("trt", "memory")]  # no GPU / tensorrt here: listed, with why

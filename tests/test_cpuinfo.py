@@ -87,7 +87,8 @@ def test_torch_bf16_autocast_is_close_to_fp32():
     torch.manual_seed(0)
     model = DMFModel(preset("tiny", max_audio_samples=4000), texts=["i am happy", "this is sad"],
                      pretrained=False).eval()
-    batch = synthetic_inputs(4000, model.model_config.max_tokens, 3, len(model.tokenizer), seed=0)
+    batch = synthetic_inputs(input_samples=4000, max_tokens=model.model_config.max_tokens, batch=3,
+                             vocab_size=len(model.tokenizer), seed=0)
     fp32 = TorchEngine(model, precision="fp32", threads=1).infer(batch)
     bf16 = TorchEngine(model, precision="bf16", threads=1).infer(batch)
     assert bf16.dtype == np.float32 and bf16.shape == fp32.shape == (3, len(model.model_config.labels))
