@@ -142,7 +142,6 @@ def run_bench(cases: list[Case], options: BenchOptions = BenchOptions(),
     """Time every (engine, fusion) per batch size in interleaved rounds. Returns {"machine", "rows",
     "ratios", "skipped", "head", "flops_per_sample", ...}: see docs in README ("dmf bench")."""
     say = progress or (lambda _msg: None)
-    bound_malloc()
     skipped: list[dict] = []
     engines = {(name, case.fusion): engine for case in cases
                for name, engine in open_engines(case, options.engines, options.threads, skipped).items()}
@@ -166,22 +165,6 @@ def run_bench(cases: list[Case], options: BenchOptions = BenchOptions(),
     return {"machine": machine_info(options.threads), "matmul_peak_gflops": peak, "flops_per_sample": flops,
             "paper_ms_per_sample": PAPER_MS_PER_SAMPLE if paper else None, "rows": rows, "ratios": ratios,
             "head": head, "skipped": skipped, "options": {**asdict(options), "timing": asdict(options.timing)}}
-
-
-def bound_malloc() -> bool:
-    """Keep glibc from hoarding freed activations. With several paper-size engines in one process,
-    each freeing ~GB of conv activations from its own threads, glibc's per-thread arenas and its
-    self-raising mmap threshold grew the bench past 22 GB and the kernel killed it (measured here, 24 GiB
-    machine); a fixed 1 MiB mmap threshold and 2 arenas held it at ~4.5 GB. Linux/glibc only."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_mmap_threshold, m_arena_max = -3, -8  # malloc.h
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 20)) and bool(libc.mallopt(m_arena_max, 2))
-    except (OSError, AttributeError):
-        return False
 
 
 def _input_shapes(case: Case) -> dict[str, int]:
