@@ -64,6 +64,7 @@ class ModelConfig:
     similarity_weight: float = 1.0  # w: weight of the memory pairwise-similarity loss
     similarity_gated: bool = False  # True: the top-k gate learns (selection signal, rows stored unscaled); see dmf.loss
     writer_detach: bool = False  # True: the writer sees detached embeddings (the similarity loss stops at the writer)
+    write_through_read: bool = False  # True: each step reads the previous step's write rebuilt with gradients, so the NLL trains the writer and its top-k gate (gPool's gated rows); see dmf.fusion
     freeze_feature_encoder: bool = True  # Wav2Vec2 conv feature encoder frozen (paper)
     freeze_text_embeddings: bool = True  # BERT embeddings frozen (paper)
 
@@ -94,6 +95,9 @@ class ModelConfig:
         _check(all(h >= 1 for h in self.classifier_hidden), "model.classifier_hidden",
                "positive integers", self.classifier_hidden)
         _check(self.similarity_weight >= 0, "model.similarity_weight", "a float >= 0", self.similarity_weight)
+        _check(not (self.write_through_read and self.similarity_gated), "model.write_through_read",
+               "false when similarity_gated is true (the read trains the gate through gPool's scaled rows, "
+               "which similarity_gated stores unscaled)", self.write_through_read)
         _check(self.do_normalize is None or isinstance(self.do_normalize, bool), "model.do_normalize",
                "null or a boolean", self.do_normalize)
         _check(self.normalize_over is None or self.normalize_over in NORMALIZE_OVER, "model.normalize_over",

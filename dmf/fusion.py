@@ -211,6 +211,16 @@ class DualMemoryFusion(nn.Module):
     training step (`DMFModel.training_forward`) also calls `write`, which computes the new memory
     states and keeps them pending; they are written into the buffers at the start of the next
     training step (paper: "assign it back ... at the beginning of the next iteration").
+
+    The buffers hold values, so no loss of step t+1 reaches the writer of step t: the writer learns
+    from the similarity term alone, and its gPool gate, whose only effect is the scale of the kept
+    rows, from nothing (issue 11). With `write_through_read` the next step rebuilds the pending
+    write from its saved inputs (old memory, the batch, both detached) with the current weights and
+    reads that: the classification loss then reaches the writer's transformer and, through the
+    gated rows' scale in the read (x M^T and weights @ M), its projection p, as gPool trains p
+    from whatever consumes the pooled rows (back-propagation truncated to one step). The rebuilt
+    memory is what the buffers then hold. A step resumed from `state.pt` has no saved inputs and
+    reads the pending memory as a value (one step without that gradient).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -226,7 +236,9 @@ class DualMemoryFusion(nn.Module):
         self.write_audio = MemoryWriter(cfg)
         self.write_text = MemoryWriter(cfg)
         self.writer_detach = cfg.writer_detach
+        self.write_through_read = cfg.write_through_read
         self.pending_memory: tuple[torch.Tensor, torch.Tensor] | None = None  # (n, d) x2, detached
+        self.pending_write: tuple[torch.Tensor, ...] | None = None  # (n, d), (m, d) per modality: to rebuild the write
         self.out_dim = cfg.cbp_dim
 
     def commit_pending_memory(self) -> bool:
@@ -239,12 +251,32 @@ class DualMemoryFusion(nn.Module):
         self.pending_memory = None
         return True
 
-    def forward(self, x_a: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-        """x_a, x_t: (B, d) -> fused (B, D), float32."""
+    def begin_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Start a training step: write the pending memory into the buffers. With
+        `write_through_read`, returns the memories (M_a, M_t) (n, d) rebuilt with gradients for
+        this step to read (None on the first step, or after a resume)."""
+        if not (self.write_through_read and self.pending_write is not None):
+            self.commit_pending_memory()
+            return None
+        memory_audio, batch_audio, memory_text, batch_text = self.pending_write
+        self.pending_write, self.pending_memory = None, None
+        with _full_precision(memory_audio):
+            rebuilt = (self.write_audio(memory_audio, batch_audio).memory,
+                       self.write_text(memory_text, batch_text).memory)
+        with torch.no_grad():
+            self.memory_audio.copy_(rebuilt[0])
+            self.memory_text.copy_(rebuilt[1])
+        return rebuilt
+
+    def forward(self, x_a: torch.Tensor, x_t: torch.Tensor,
+                memories: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x_a, x_t: (B, d) -> fused (B, D), float32. `memories` (M_a, M_t): what `begin_step`
+        rebuilt, read instead of the buffers (training with `write_through_read` only)."""
+        memory_audio, memory_text = memories if memories is not None else (self.memory_audio, self.memory_text)
         with _full_precision(x_a):
             x_a, x_t = x_a.float(), x_t.float()
-            x_at = self.read_text(x_a, self.memory_text)  # text memory read with the audio embedding
-            x_ta = self.read_audio(x_t, self.memory_audio)
+            x_at = self.read_text(x_a, memory_text)  # text memory read with the audio embedding
+            x_ta = self.read_audio(x_t, memory_audio)
             return self.composer(x_a, x_at, x_ta, x_t)
 
     def write(self, x_a: torch.Tensor, x_t: torch.Tensor) -> tuple[WrittenMemory, WrittenMemory]:
@@ -256,9 +288,13 @@ class DualMemoryFusion(nn.Module):
         if self.writer_detach:
             x_a, x_t = x_a.detach(), x_t.detach()
         with _full_precision(x_a):
-            written = (self.write_audio(self.memory_audio, gather_batch(x_a.float())),
-                       self.write_text(self.memory_text, gather_batch(x_t.float())))
+            batch_audio, batch_text = gather_batch(x_a.float()), gather_batch(x_t.float())  # (m, d)
+            written = (self.write_audio(self.memory_audio, batch_audio),
+                       self.write_text(self.memory_text, batch_text))
         self.pending_memory = (written[0].memory.detach(), written[1].memory.detach())
+        if self.write_through_read:  # the buffers are overwritten in place next step: keep copies
+            self.pending_write = (self.memory_audio.detach().clone(), batch_audio.detach(),
+                                  self.memory_text.detach().clone(), batch_text.detach())
         return written
 
 

@@ -24,7 +24,9 @@ identical slots in both memories (53.8 UA, writer detached; 58.8 attached); the 
 the loss itself with gPool's scaled rows stored, 15 of 16 audio slots at norm 0.01 (62.5 attached,
 26.2 detached); the same stored unscaled, 16 identical text slots (61.2). Top-k by one learned
 direction keeps the rows that share it, and identical slots stay identical through the
-permutation-equivariant writer: a selection that learns needs more than this term.
+permutation-equivariant writer: a selection that learns needs more than this term. The other
+reading, gPool's own (the classification loss trains the gate through the read of the gated rows),
+is `write_through_read` in `dmf.fusion`; it collapsed the audio memory on the same run (README).
 """
 
 from __future__ import annotations

@@ -85,10 +85,9 @@ class DMFModel(nn.Module):
                          attention_mask: torch.Tensor) -> TrainingOutput:
         """The training step's forward: write the memory left pending by the previous step, predict,
         and compute the new memory (kept pending for the next step; paper §2.2)."""
-        if self.has_memory:
-            self.fusion.commit_pending_memory()
+        memories = self.fusion.begin_step() if self.has_memory else None
         x_a, x_t = self.encode(audio, input_ids, attention_mask)
-        log_probs = self.head(x_a, x_t)
+        log_probs = self.classifier(self.fusion(x_a, x_t, memories)) if memories is not None else self.head(x_a, x_t)
         return TrainingOutput(log_probs, self.fusion.write(x_a, x_t) if self.has_memory else None)
 
     @property

@@ -78,6 +78,58 @@ def test_topk_selection_changes_as_the_writer_trains(gated):
     assert (kept_now != kept_before) == gated, (sorted(kept_now ^ kept_before))
 
 
+def _grad_norm(module: torch.nn.Module) -> float:
+    return sum(float(p.grad.norm()) for p in module.parameters() if p.grad is not None)
+
+
+def _tiny_steps(steps: int, **model_overrides) -> tuple[DMFModel, list[float], list[torch.Tensor]]:
+    """`steps` trainer steps of a tiny model on one batch; the writers' gradient ratios per step
+    (0 where the writer got no gradient at all) and their projections before the first step."""
+    torch.manual_seed(0)
+    cfg = preset("tiny", max_audio_samples=8000, **model_overrides)
+    model = DMFModel(cfg, texts=TEXTS, pretrained=False)
+    optimizer = build_optimizer(model, cfg.train)
+    audio = torch.randn(4, 8000, generator=torch.Generator().manual_seed(0))
+    tok = model.tokenizer(TEXTS, padding="max_length", max_length=cfg.model.max_tokens, truncation=True,
+                          return_tensors="pt")
+    writers = (model.fusion.write_audio, model.fusion.write_text)
+    before = [w.pool.projection.detach().clone() for w in writers]
+    ratios = []
+    for _ in range(steps):
+        train_step(model, optimizer, (audio, tok["input_ids"], tok["attention_mask"], torch.arange(4)), cfg)
+        ratios.append([_writer_grad_ratio(w) if _grad_norm(w.transform) > 0 else 0.0 for w in writers])
+    return model, ratios, before
+
+
+def test_write_through_read_trains_the_gate_from_the_classification_loss():
+    # similarity weight 0: whatever reaches the writer comes through the read of its rebuilt write
+    _, ratios, _ = _tiny_steps(4, write_through_read=True, similarity_weight=0.0)
+    assert ratios[0] == [0.0, 0.0]  # step 1 reads the initial memory: nothing written yet
+    assert min(min(r) for r in ratios[1:]) > 1e-3, ratios  # measured 0.03 .. 0.56 (with the similarity term)
+    _, ratios, _ = _tiny_steps(4, write_through_read=False, similarity_weight=0.0)
+    assert ratios == [[0.0, 0.0]] * 4  # the paper's value read: the NLL never reaches the writer
+
+
+def test_write_through_read_moves_the_kept_set():
+    model, _, before = _tiny_steps(30, write_through_read=True)
+    fusion = model.fusion
+    with torch.no_grad():
+        moved = []
+        for writer, p0, memory in zip((fusion.write_audio, fusion.write_text), before,
+                                      (fusion.memory_audio, fusion.memory_text)):
+            rows = writer.transform(torch.cat([memory, torch.randn(8, memory.shape[1])])[None])[0]  # (n + 8, d)
+            kept = lambda p: set(torch.topk(rows @ p, memory.shape[0]).indices.tolist())  # noqa: E731
+            moved.append(kept(writer.pool.projection) != kept(p0))
+    assert any(moved), "the gate's selection did not move in 30 steps"
+
+
+def test_write_through_read_and_the_selection_signal_are_exclusive():
+    from dmf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="write_through_read"):
+        preset("tiny", write_through_read=True, similarity_gated=True)
+
+
 # ------------------------------------------------------------------------------ LOSO average, CLI
 
 
