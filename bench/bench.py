@@ -45,6 +45,7 @@ class BenchOptions:
     timing: TimingOptions = field(default_factory=TimingOptions)  # warm-up and round counts
     measure_peak: bool = True  # time a GEMM to report each fp32 engine's fraction of the machine's peak
     head: bool = True  # also time the fusion head alone (everything after the encoders), memory vs naive
+    head_threads: int = 1  # threads of the head timing: its batch-1 GEMVs lose more to a 2-thread hand-off than they gain
     seed: int = 0  # seed of the synthetic inputs and of the bootstrap
 
     def __post_init__(self) -> None:
@@ -53,8 +54,8 @@ class BenchOptions:
             raise BenchError(f"unknown engine(s) {unknown}: expected some of {', '.join(ENGINES)}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise BenchError(f"batch sizes must be integers >= 1, got {self.batch_sizes}")
-        if self.threads < 1:
-            raise BenchError(f"threads must be >= 1, got {self.threads}")
+        if self.threads < 1 or self.head_threads < 1:
+            raise BenchError(f"threads must be >= 1, got {self.threads} (head: {self.head_threads})")
 
 
 @dataclass
@@ -256,18 +257,21 @@ def _versions() -> dict:
 # ------------------------------------------------------------------------------- fusion head
 def head_latency(cases: list[Case], options: BenchOptions, say: Callable[[str], None]) -> dict | None:
     """The exported fusion head alone (everything after the two encoders: readers over the frozen
-    memory, DFT-matrix CBP, attention, BatchNorm, classifier) through the onnx engine, memory and
-    naive in interleaved rounds: ms per sample at each batch size, and memory's paired excess."""
+    memory, DFT-matrix CBP, attention, BatchNorm, classifier) through the onnx engine at
+    `options.head_threads`, memory and naive in interleaved rounds: ms per sample at each batch
+    size, and memory's paired excess. At batch 1 the head is a few weight-bound GEMVs (~17 MB of
+    weights for memory fusion): measured on the paper head, 0.62 ms at 1 thread, 1.43 ms at 2."""
     with_ck = {c.fusion: c for c in cases if c.checkpoint is not None and c.fusion in ("memory", "naive")}
     if not with_ck:
         return None
     work = Path(tempfile.mkdtemp(prefix="dmf-head-"))
     try:
-        engines = {f: _head_engine(c, work, options.threads) for f, c in with_ck.items()}
+        engines = {f: _head_engine(c, work, options.head_threads) for f, c in with_ck.items()}
         out = {}
         for batch in options.batch_sizes:
             say(f"timing the fusion head alone at batch {batch}")
-            calls = {f: (lambda e=e, x=_head_inputs(e, batch): e.infer(x)) for f, e in engines.items()}
+            calls = {f: (lambda e=e, x=_head_inputs(_torch_model(with_ck[f]).model_config.embed_dim, batch): e.infer(x))
+                     for f, e in engines.items()}
             times = time_rounds(calls, TimingOptions(warmup=10, min_runs=200, min_seconds=1.0, max_runs=2000))
             out[str(batch)] = {f: latency_stats(t, batch)["p50_ms_per_sample"] for f, t in times.items()}
             if len(times) == 2:
@@ -293,10 +297,10 @@ def _head_engine(case: Case, work: Path, threads: int):
     return open_engine("onnx", ModelFile(path, inputs, outputs), threads=threads)
 
 
-def _head_inputs(engine, batch: int) -> dict[str, np.ndarray]:
+def _head_inputs(embed_dim: int, batch: int) -> dict[str, np.ndarray]:
+    """The two encoder embeddings (batch, d) the head takes."""
     rng = np.random.default_rng(batch)
-    return {n: rng.standard_normal((batch, engine.session.get_inputs()[0].shape[1]), dtype=np.float32)
-            for n in ("x_a", "x_t")}
+    return {n: rng.standard_normal((batch, embed_dim), dtype=np.float32) for n in ("x_a", "x_t")}
 
 
 # ------------------------------------------------------------------------ cases from a preset

@@ -33,6 +33,7 @@ def bench(
     min_runs: int = typer.Option(10, help="Minimum timed rounds (each round times every engine once)."),
     min_seconds: float = typer.Option(2.0, help="Keep adding rounds until this much time has passed."),
     head: bool = typer.Option(True, "--head/--no-head", help="Also time the fusion head alone (memory vs naive)."),
+    head_threads: int = typer.Option(1, help="Threads of the fusion-head timing."),
     batcher: bool = typer.Option(False, "--batcher", help="Instead: the runtime's micro-batcher under concurrent "
                                  "load vs sequential batch-1 calls, on one ARTIFACT."),
     requests: int = typer.Option(256, help="--batcher: timed requests per mode."),
@@ -57,7 +58,7 @@ def bench(
 
     try:
         options = BenchOptions(engines=_csv(engines), batch_sizes=_csv(batch_sizes, int), fusions=_csv(fusion),
-                               threads=threads, head=head,
+                               threads=threads, head=head, head_threads=head_threads,
                                timing=TimingOptions(warmup=warmup, min_runs=min_runs, min_seconds=min_seconds))
     except BenchError as exc:
         fail(exc)

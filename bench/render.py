@@ -125,7 +125,8 @@ def head_section(result: dict) -> Section:
     head = result.get("head") or {}
     rows = [[batch, *(_cell(h, k, "{:.3f}") for k in ("memory", "naive")), _cell(h, "memory_minus_naive_ms", "{:+.3f}")]
             for batch, h in sorted(head.items(), key=lambda kv: int(kv[0]))]
-    return Section("Fusion head alone (after the encoders, onnx engine)",
+    threads = (result.get("options") or {}).get("head_threads", 1)
+    return Section(f"Fusion head alone (after the encoders, onnx engine, {threads} thread{'s' * (threads > 1)})",
                    ["B", "memory ms", "naive ms", "difference ms"], rows,
                    f"ms per sample at p50; difference: median per-round memory - naive; "
                    f"target: memory head <= {HEAD_TARGET_MS:g} ms per sample")

@@ -105,6 +105,15 @@ class ModelConfig:
         _check(self.max_audio_samples >= self.sample_rate // 10, "model.max_audio_samples",
                "at least 0.1 s of samples", self.max_audio_samples)
 
+    def audio_preprocessing(self) -> dict:
+        """`dmf.preprocess.preprocess_audio` keywords of a built model's (so resolved) config, the
+        ones training and export's calibration use."""
+        if self.do_normalize is None or self.normalize_over is None:
+            raise ConfigError("model.do_normalize / model.normalize_over are unresolved: take the config of a "
+                              "built DMFModel (it reads them from the audio encoder's feature extractor)")
+        return dict(target_rate=self.sample_rate, num_samples=self.max_audio_samples, normalize=self.do_normalize,
+                    normalize_over=self.normalize_over)
+
     @property
     def num_labels(self) -> int:
         return len(self.labels)

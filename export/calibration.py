@@ -34,9 +34,7 @@ def encode(utterances, model) -> dict[str, np.ndarray]:
     from dmf.preprocess import TextEncoder, preprocess_audio
 
     cfg = model.model_config
-    audio = np.stack([preprocess_audio(u.audio_path, target_rate=cfg.sample_rate, num_samples=cfg.max_audio_samples,
-                                       normalize=cfg.do_normalize, normalize_over=cfg.normalize_over)
-                      for u in utterances])  # (N, S)
+    audio = np.stack([preprocess_audio(u.audio_path, **cfg.audio_preprocessing()) for u in utterances])  # (N, S)
     ids, mask = TextEncoder(model.tokenizer.backend_tokenizer, cfg.max_tokens).encode([u.text for u in utterances])
     index = {name: i for i, name in enumerate(cfg.labels)}
     unknown = sorted({u.label for u in utterances} - set(index))

@@ -236,7 +236,7 @@ def test_outputs_json_markdown_and_plots(result, tmp_path):
     md = paths["md"].read_text()
     assert result["machine"]["cpu_line"] in md and "onnxruntime" in md  # CPU line and versions
     assert "xpaper" not in md and "91 / 63 ms" in md  # tiny: no "Nx the paper" column
-    assert "xbf16" in md and "## Best engine vs the baselines" in md and "## Fusion head alone" in md
+    assert "xbf16" in md and "## Best engine vs the baselines" in md and "## Fusion head alone (after the encoders, onnx engine, 1 thread)" in md
     assert "## Memory fusion vs naive fusion" in md and "trt (memory): TensorRT" in md
     best = next(r for r in result["ratios"] if r["kind"] == "speedup" and r["best"])
     assert format_ratio(best) in md

@@ -96,7 +96,7 @@ class Batchable:
 
 class AudioCache:
     """Preprocessed clips by (preprocessing, utterance id): one decode per clip and setting for all
-    folds. The setting is the model's (`audio_kwargs`), whose normalisation comes from its encoder's
+    folds. The setting is the model's (`ModelConfig.audio_preprocessing`), whose normalisation comes from its encoder's
     feature extractor, so the cache needs no config of its own."""
 
     def __init__(self):
@@ -104,21 +104,12 @@ class AudioCache:
 
     def stack(self, utterances: Sequence[Utterance], cfg: ModelConfig, progress: bool = False) -> torch.Tensor:
         """(N, S) float32 model inputs of `utterances` under `cfg`'s input contract."""
-        kwargs = audio_kwargs(cfg)
+        kwargs = cfg.audio_preprocessing()
         key = tuple(sorted(kwargs.items()))
         todo = [u for u in utterances if (key, u.id) not in self.clips]
         for utt in _track(todo, "preprocessing audio", progress):
             self.clips[(key, utt.id)] = preprocess_audio(utt.audio_path, **kwargs)  # (S,) float32
         return torch.from_numpy(np.stack([self.clips[(key, u.id)] for u in utterances]))  # (N, S)
-
-
-def audio_kwargs(cfg: ModelConfig) -> dict:
-    """dmf.preprocess settings of a (built model's, so resolved) config: what dmf.json records too."""
-    if cfg.do_normalize is None or cfg.normalize_over is None:
-        raise ConfigError("model.do_normalize / model.normalize_over are unresolved: take the config of a "
-                          "built DMFModel (it reads them from the audio encoder's feature extractor)")
-    return dict(target_rate=cfg.sample_rate, num_samples=cfg.max_audio_samples, normalize=cfg.do_normalize,
-                normalize_over=cfg.normalize_over)
 
 
 def text_encoder_for(model) -> TextEncoder:
