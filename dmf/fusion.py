@@ -219,8 +219,8 @@ class DualMemoryFusion(nn.Module):
     reads that: the classification loss then reaches the writer's transformer and, through the
     gated rows' scale in the read (x M^T and weights @ M), its projection p, as gPool trains p
     from whatever consumes the pooled rows (back-propagation truncated to one step). The rebuilt
-    memory is what the buffers then hold. A step resumed from `state.pt` has no saved inputs and
-    reads the pending memory as a value (one step without that gradient).
+    memory is what the buffers then hold. The saved inputs travel in the trainer's resume state,
+    so a resumed run continues exactly.
     """
 
     def __init__(self, cfg: ModelConfig):

@@ -189,8 +189,16 @@ def test_other_config_into_same_out_dir_is_refused(memory_run, corpus):
         run_training(tiny_config(lr=0.5), corpus, out, [1], options=FitOptions(progress=False))
 
 
-def test_interrupted_run_resumes_to_identical_results(memory_run, corpus, tmp_path, monkeypatch):
-    out, _ = memory_run
+@pytest.mark.parametrize("through_read", [False, True])
+def test_interrupted_run_resumes_to_identical_results(memory_run, corpus, tmp_path, monkeypatch, through_read):
+    # write_through_read keeps the last write's inputs pending: they must travel in the resume state
+    config = tiny_config()
+    if through_read:
+        config = config.replace("model", write_through_read=True)
+        out = tmp_path / "uninterrupted"
+        run_training(config, corpus, out, [1], options=FitOptions(progress=False, checkpoint_every=2))
+    else:
+        out, _ = memory_run
     calls = {"n": 0}
     real_step = trainer.train_step
 
@@ -203,11 +211,11 @@ def test_interrupted_run_resumes_to_identical_results(memory_run, corpus, tmp_pa
     monkeypatch.setattr(trainer, "train_step", failing_step)
     options = FitOptions(progress=False, checkpoint_every=2)
     with pytest.raises(KeyboardInterrupt):
-        run_training(tiny_config(), corpus, tmp_path / "r", [1], options=options)
+        run_training(config, corpus, tmp_path / "r", [1], options=options)
     assert (tmp_path / "r" / "fold1" / "_resume" / "latest.json").is_file()
     monkeypatch.setattr(trainer, "train_step", real_step)
     notes = []
-    run_training(tiny_config(), corpus, tmp_path / "r", [1],
+    run_training(config, corpus, tmp_path / "r", [1],
                  options=FitOptions(progress=False, checkpoint_every=2, log=notes.append))
     assert any("resuming at epoch 1, step 4" in n for n in notes), notes
     resumed = strip_timing(json.loads((tmp_path / "r" / "fold1" / "metrics.json").read_text()))

@@ -212,8 +212,10 @@ def save_resume(fold_dir: Path, model: DMFModel, optimizer: torch.optim.Optimize
     name = f"state-{state.saves:06d}"
     stage = Path(tempfile.mkdtemp(dir=root, prefix=".stage-"))
     pending = getattr(model.fusion, "pending_memory", None)
+    pending_write = getattr(model.fusion, "pending_write", None)  # write_through_read: the inputs to rebuild
     payload = {"format": RESUME_FORMAT, "state": dataclasses.asdict(state), "optimizer": optimizer.state_dict(),
-               "pending_memory": list(pending) if pending is not None else None, "rng": _rng_state()}
+               "pending_memory": list(pending) if pending is not None else None,
+               "pending_write": list(pending_write) if pending_write is not None else None, "rng": _rng_state()}
     model.save_pretrained(stage / "model")
     tmp = stage / "state.pt.tmp"
     torch.save(payload, tmp)
@@ -245,6 +247,8 @@ def load_resume(fold_dir: Path, config: DMFConfig, ctx: distributed.Context | No
     optimizer.load_state_dict(payload["optimizer"])
     if payload["pending_memory"] is not None:
         model.fusion.pending_memory = tuple(t.to(ctx.device) for t in payload["pending_memory"])
+    if payload.get("pending_write") is not None:  # absent in states written before write_through_read
+        model.fusion.pending_write = tuple(t.to(ctx.device) for t in payload["pending_write"])
     _set_rng_state(payload["rng"])
     if config.train.num_threads > 0:
         torch.set_num_threads(config.train.num_threads)
