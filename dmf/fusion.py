@@ -253,20 +253,22 @@ class DualMemoryFusion(nn.Module):
 
     def begin_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Start a training step: write the pending memory into the buffers. With
-        `write_through_read`, returns the memories (M_a, M_t) (n, d) rebuilt with gradients for
-        this step to read (None on the first step, or after a resume)."""
-        if not (self.write_through_read and self.pending_write is not None):
-            self.commit_pending_memory()
-            return None
-        memory_audio, batch_audio, memory_text, batch_text = self.pending_write
-        self.pending_write, self.pending_memory = None, None
-        with _full_precision(memory_audio):
-            rebuilt = (self.write_audio(memory_audio, batch_audio).memory,
-                       self.write_text(memory_text, batch_text).memory)
-        with torch.no_grad():
-            self.memory_audio.copy_(rebuilt[0])
-            self.memory_text.copy_(rebuilt[1])
-        return rebuilt
+        `write_through_read`, the pending write is first rebuilt with gradients, and its memories
+        (M_a, M_t) (n, d) are returned for this step to read (None on the first step)."""
+        rebuilt = None
+        if self.write_through_read and self.pending_write is not None:
+            memory_audio, batch_audio, memory_text, batch_text = self.pending_write
+            self.pending_write = None
+            rebuilt = self._run_writers((memory_audio, memory_text), (batch_audio, batch_text))
+            self.pending_memory = (rebuilt[0].memory.detach(), rebuilt[1].memory.detach())
+        self.commit_pending_memory()
+        return None if rebuilt is None else (rebuilt[0].memory, rebuilt[1].memory)
+
+    def _run_writers(self, memories: tuple[torch.Tensor, torch.Tensor], batches: tuple[torch.Tensor, torch.Tensor]
+                     ) -> tuple[WrittenMemory, WrittenMemory]:
+        """Both writers with autocast off: memories (M_a, M_t) (n, d), float32 batches (m, d) each."""
+        with _full_precision(batches[0]):
+            return self.write_audio(memories[0], batches[0]), self.write_text(memories[1], batches[1])
 
     def forward(self, x_a: torch.Tensor, x_t: torch.Tensor,
                 memories: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -289,8 +291,7 @@ class DualMemoryFusion(nn.Module):
             x_a, x_t = x_a.detach(), x_t.detach()
         with _full_precision(x_a):
             batch_audio, batch_text = gather_batch(x_a.float()), gather_batch(x_t.float())  # (m, d)
-            written = (self.write_audio(self.memory_audio, batch_audio),
-                       self.write_text(self.memory_text, batch_text))
+        written = self._run_writers((self.memory_audio, self.memory_text), (batch_audio, batch_text))
         self.pending_memory = (written[0].memory.detach(), written[1].memory.detach())
         if self.write_through_read:  # the buffers are overwritten in place next step: keep copies
             self.pending_write = (self.memory_audio.detach().clone(), batch_audio.detach(),
