@@ -169,20 +169,21 @@ def run_bench(cases: list[Case], options: BenchOptions = BenchOptions(),
 
 
 def _input_shapes(case: Case) -> dict[str, int]:
-    """{input_samples, max_tokens, vocab_size} of the case, from its config or an artifact. Passed
-    by keyword: positionally, a vocabulary of 99 once went in as the batch size, so "batch 1" timed
-    99 clips and the paper-size bench ran out of memory."""
+    """{input_samples, max_tokens, vocab_size} of the case, from its checkpoint's config or an
+    artifact's. Passed by keyword: positionally, a vocabulary of 99 once went in as the batch
+    size, so "batch 1" timed 99 clips and the paper-size bench ran out of memory."""
     import json
 
     if case.checkpoint is not None:
         cfg = json.loads((case.checkpoint / "config.json").read_text())["model"]
-        vocab = (cfg.get("text_encoder_config") or {}).get("vocab_size", 100)
-        return {"input_samples": cfg["max_audio_samples"], "max_tokens": cfg["max_tokens"], "vocab_size": int(vocab)}
-    from dmf.runtime.artifact import load_artifact
+        samples, tokens = cfg["max_audio_samples"], cfg["max_tokens"]
+    else:  # the artifact's own contract gives the shapes
+        from dmf.runtime.artifact import load_artifact
 
-    art = load_artifact(next(iter(case.artifacts.values())), verify=False)
-    vocab = (art.meta.get("model_config", {}).get("text_encoder_config") or {}).get("vocab_size", 100)
-    return {"input_samples": art.input_samples, "max_tokens": art.max_tokens, "vocab_size": int(vocab)}
+        art = load_artifact(next(iter(case.artifacts.values())), verify=False)
+        cfg, samples, tokens = art.meta.get("model_config", {}), art.input_samples, art.max_tokens
+    vocab = (cfg.get("text_encoder_config") or {}).get("vocab_size", 100)
+    return {"input_samples": samples, "max_tokens": tokens, "vocab_size": int(vocab)}
 
 
 def compute_ratios(times: dict[tuple[str, str], np.ndarray], batch: int, seed: int = 0) -> list[dict]:
@@ -270,8 +271,8 @@ def head_latency(cases: list[Case], options: BenchOptions, say: Callable[[str], 
         out = {}
         for batch in options.batch_sizes:
             say(f"timing the fusion head alone at batch {batch}")
-            calls = {f: (lambda e=e, x=_head_inputs(_torch_model(with_ck[f]).model_config.embed_dim, batch): e.infer(x))
-                     for f, e in engines.items()}
+            inputs = {f: _head_inputs(_torch_model(c).model_config.embed_dim, batch) for f, c in with_ck.items()}
+            calls = {f: (lambda e=e, x=inputs[f]: e.infer(x)) for f, e in engines.items()}
             times = time_rounds(calls, TimingOptions(warmup=10, min_runs=200, min_seconds=1.0, max_runs=2000))
             out[str(batch)] = {f: latency_stats(t, batch)["p50_ms_per_sample"] for f, t in times.items()}
             if len(times) == 2:
