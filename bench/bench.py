@@ -230,8 +230,8 @@ def _add_relative_columns(rows: list[dict], flops: dict, peak: float | None, pap
         row["speedup_vs_paper"] = ms / row["p50_ms_per_sample"] if ms else None
         f = flops.get(row["fusion"])
         row["gflops_per_s"] = f * row["throughput_per_s"] / 1e9 if f else None
-        # the peak is an fp32 GEMM's: bf16 / int8 work is not fp32 FLOPs, so no fraction for them
-        fp32 = row["engine"] in ("torch", "onnx", "openvino", "trt")
+        # the peak is a CPU fp32 GEMM's: bf16 / int8 / fp16 work is not fp32 FLOPs, so no fraction for them
+        fp32 = engine_precision(row["engine"]) == "fp32"
         row["peak_fraction"] = row["gflops_per_s"] / peak if (peak and row["gflops_per_s"] and fp32) else None
 
 
@@ -369,6 +369,11 @@ def artifact_cases(paths: list[Path]) -> list[Case]:
             paper_shaped=is_paper_shaped(meta.get("model_config", {}))))
         case.artifacts[bench_engine_name(art.engine, art.precision)] = Path(path)
     return list(cases.values())
+
+
+def engine_precision(name: str) -> str:
+    """The precision a bench engine runs at."""
+    return TORCH_ENGINES[name] if name in TORCH_ENGINES else ARTIFACT_ENGINES[name][1]
 
 
 def bench_engine_name(engine: str, precision: str) -> str:

@@ -273,10 +273,11 @@ def test_peak_fraction_uses_flops_and_peak():
     from dmf.bench.bench import _add_relative_columns
 
     rows = [{"engine": e, "fusion": "memory", "batch_size": 1, **latency_stats(np.array([0.01, 0.01]), 1)}
-            for e in ("onnx", "onnx-int8")]
+            for e in ("onnx", "onnx-int8", "openvino-bf16", "trt", "torch-bf16")]
     _add_relative_columns(rows, {"memory": 2e9}, peak=400.0, paper=True)  # 2 GFLOP x 100/s = 200 GFLOP/s
     assert rows[0]["gflops_per_s"] == pytest.approx(200.0) and rows[0]["peak_fraction"] == pytest.approx(0.5)
     assert rows[1]["peak_fraction"] is None  # int8 work is not fp32 FLOPs
+    assert all(r["peak_fraction"] is None for r in rows[2:])  # nor bf16, nor TensorRT's fp16
     assert rows[0]["speedup_vs_torch"] is None  # no torch row in this run
     assert rows[0]["speedup_vs_paper"] == pytest.approx(91.0 / 10.0)
 
