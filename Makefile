@@ -4,7 +4,8 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch is pinned to the release that installs as a CPU build from this machine's disk (DESIGN §6);
+# torch is pinned to the release that installs as a CPU build from this machine's disk
+# (docs/design.md, 'Environment');
 # an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed

@@ -1,7 +1,8 @@
 """One typed config tree (model, data, train) with JSON round-trip, validation and presets.
 
 Torch-free on purpose: the runtime and the CLI read configs without importing torch.
-Every paper default of DESIGN §2 is a field of `ModelConfig`; `preset("paper")` and
+Every paper default of docs/design.md ('Model decisions') is a field of `ModelConfig`;
+`preset("paper")` and
 `preset("tiny")` build the two shapes the project uses.
 """
 

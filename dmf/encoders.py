@@ -1,6 +1,7 @@
 """Audio (Wav2Vec2) and text (BERT) encoders as sequence-classification models with num_labels = d.
 
-The head's output is the embedding (x_a, x_t) of DESIGN §2. Encoders come from a Hugging Face id or
+The head's output is the embedding (x_a, x_t) of docs/design.md, 'Encoders'.
+Encoders come from a Hugging Face id or
 local folder (`from_pretrained`), or from a config dict alone (random init, no download). Whatever
 was loaded, its full config dict is written back into the ModelConfig so a saved checkpoint
 rebuilds without the hub.
@@ -68,7 +69,7 @@ def build_text_encoder(cfg: ModelConfig, vocab_size: int | None, pretrained: boo
         if vocab_size is not None:
             values["vocab_size"] = vocab_size
         config = _config_from_dict(values, "bert", dim)
-        config._attn_implementation = "eager"  # SDPA graphs defeat ORT's attention fusion (DESIGN §4)
+        config._attn_implementation = "eager"  # SDPA defeats ORT's attention fusion (docs/design.md)
         model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
     if cfg.freeze_text_embeddings:
         base = getattr(model, model.base_model_prefix, model)

@@ -1,4 +1,6 @@
-"""The dual memory fusion module (paper §2.2, DESIGN §2): reader, composer, writer, memory, baselines.
+"""The dual memory fusion module (paper §2.2): reader, composer, writer, memory, baselines.
+
+The paper's open points are decided in docs/design.md, 'Model decisions'.
 
 Exportability is a switch, not a patch: `CompactBilinearPooling.use_dft_matrices` selects the
 DFT-matrix form (plain MatMuls, no FFT op) that ONNX/TensorRT need; the reader's eval path is the

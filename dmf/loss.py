@@ -1,4 +1,4 @@
-"""The paper's training objective in one place (paper Eq. 4, DESIGN §2):
+"""The paper's training objective in one place (paper Eq. 4, docs/design.md 'Memory similarity loss'):
 
     L = NLL(log_probs, y) + w * sum over l in {a, t} of the mean over i < j of cos(M_l'(i), M_l'(j))
 

@@ -5,7 +5,8 @@ module, and training imports the same functions, so both feed the model identica
 
 Audio: decode -> mono -> resample to 16 kHz -> first 5 s, zero-padded -> zero mean / unit variance
 over the padded clip. This is what `Wav2Vec2FeatureExtractor(do_normalize=True)` gives with
-`padding="max_length", truncation=True` and no attention mask (DESIGN §2); for an extractor with
+`padding="max_length", truncation=True` and no attention mask
+(docs/design.md, 'Inputs'); for an extractor with
 `return_attention_mask=True` the statistics are those of the real samples (`normalize_over`).
 Text: `tokenizer.json` -> input_ids / attention_mask padded and truncated to `max_tokens`, as a
 BERT fast tokenizer called with `padding="max_length", truncation=True` gives.

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-# DESIGN §4: TensorRT 10's parser has no DFT, ORT's CUDA provider has no DFT kernel.
+# docs/design.md, 'CBP without an FFT': TensorRT 10's parser has no DFT,
+# ORT's CUDA provider has no DFT kernel.
 SPECTRAL_OPS = frozenset({"DFT", "STFT"})
 RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                         "Multinomial", "Bernoulli"})

@@ -117,8 +117,8 @@ def int8_artifact(int8_cli) -> Path:
 # -------------------------------------------------------------------------------- parity, contract
 # Every exported form, recomputed here: the artifact's model.onnx in onnxruntime against the
 # checkpoint's torch eval model, on inputs the exporter never saw. (fusion, artifact fixture, max abs
-# diff of log-probs): fp32 is DESIGN §4's 1e-4, fp16 the exporter's 5e-2; int8 has no contract
-# tolerance (its gate is argmax agreement), 5e-2 bounds it (measured ~1e-2 on this checkpoint).
+# diff of log-probs): fp32 is the 1e-4 of docs/design.md ('Export checks'), fp16 the exporter's 5e-2;
+# int8 has no contract tolerance (its gate is argmax agreement), 5e-2 bounds it (measured ~1e-2 on this checkpoint).
 FORMS = {"memory-fp32": ("memory", "memory_artifact", 1e-4), "naive-fp32": ("naive", "naive_artifact", 1e-4),
          "naive-fp16": ("naive", "fp16_artifact", 5e-2), "naive-int8": ("naive", "int8_artifact", 5e-2)}
 INPUTS = ("audio", "input_ids", "attention_mask")

@@ -1,4 +1,5 @@
-"""The leave-one-session-out driver: folds, per-fold files, pooled metrics, report (DESIGN §3).
+"""The leave-one-session-out driver: folds, per-fold files, pooled metrics, report
+(docs/design.md, 'Evaluation protocol').
 
 out_dir/
   config.json      the DMFConfig of the run (a re-run must use the same one)

@@ -1,4 +1,6 @@
-"""Evaluation metrics of the IEMOCAP protocol (DESIGN §3): WA, UA, macro/weighted F1, confusion.
+"""Evaluation metrics of the IEMOCAP protocol: WA, UA, macro/weighted F1, confusion.
+
+The protocol is in docs/design.md, 'Evaluation protocol'.
 
 Predictions are class indices into `labels`. UA is the mean per-class recall over the classes that
 occur in the ground truth (a class with no test utterance has no recall); it is not accuracy.

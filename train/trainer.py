@@ -69,7 +69,10 @@ def seed_everything(seed: int, num_threads: int = 0) -> None:
 
 
 def build_optimizer(model: DMFModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Two groups (DESIGN §2): network at `lr`, memory module (reader, composer, writer) at `memory_lr`."""
+    """Two groups (docs/design.md, 'Optimiser'): network at `lr`, memory module at `memory_lr`.
+
+    The memory module is the reader, the composer and the writer.
+    """
     network, memory = parameter_groups(model)
     groups = [{"params": network, "lr": cfg.lr}]
     if memory:

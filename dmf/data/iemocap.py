@@ -1,4 +1,4 @@
-"""Reader for the IEMOCAP release tree (DESIGN §3).
+"""Reader for the IEMOCAP release tree (docs/design.md, 'Evaluation protocol').
 
 Layout (K = 1..5):
   SessionK/dialog/EmoEvaluation/<dialog>.txt   label lines "[s - e]\\t<utt>\\t<code>\\t[V, A, D]",
