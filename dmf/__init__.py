@@ -7,4 +7,13 @@ Importing `dmf` is cheap and torch-free: the runtime (`dmf.runtime`) and the sha
 
 __version__ = "0.1.0"
 
+# The name on the package index: `dmf` there is an unrelated project. The import package and the
+# command stay `dmf`.
+DISTRIBUTION = "dmf-ser"
+
+
+def install_hint(extra: str) -> str:
+    """The pip line that adds an optional extra, for error messages: pip install "dmf-ser[serve]"."""
+    return f'pip install "{DISTRIBUTION}[{extra}]"'
+
 from dmf.contract import LABELS  # noqa: E402,F401  (the paper's four classes, defined once)

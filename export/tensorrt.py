@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dmf import install_hint
 from dmf.export import ExportError
 
 NEED = "TensorRT export needs a CUDA GPU and the tensorrt package"
@@ -33,7 +34,7 @@ def unavailable_reason() -> str | None:
     try:
         import tensorrt  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install whose CUDA libraries fail to load
-        return f"tensorrt is not importable ({type(exc).__name__}: {exc}); install it with pip install 'dmf[trt]'"
+        return f"tensorrt is not importable ({type(exc).__name__}: {exc}); install it with {install_hint('trt')}"
     try:
         import torch
 

@@ -23,6 +23,7 @@ from typing import Optional
 
 import typer
 
+from dmf import install_hint
 from dmf.cliutil import console, fail
 from dmf.contract import MAX_CLIP_SECONDS
 
@@ -259,7 +260,7 @@ def serve(
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:
-        fail(f"`dmf serve` needs the [serve] extra (`pip install dmf[serve]`): {exc}")
+        fail(f"`dmf serve` needs the [serve] extra (`{install_hint('serve')}`): {exc}")
     from .server import serve as run_server
 
     try:

@@ -21,6 +21,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from dmf import install_hint
+
 from .artifact import Artifact, ModelFile, TensorSpec
 
 # Engines by the artifact engine ("engine" in dmf.json) they can run.
@@ -96,7 +98,7 @@ def _import_ort():
     try:
         import onnxruntime
     except ImportError:
-        raise EngineError("onnxruntime is not installed: `pip install dmf[cpu]` (or `dmf[gpu]` for "
+        raise EngineError(f"onnxruntime is not installed: `{install_hint('cpu')}` (or the `gpu` extra for "
                           "onnxruntime-gpu; never both)") from None
     return onnxruntime
 
@@ -123,7 +125,7 @@ def select_providers(requested: str | Sequence[str] | None, available: Sequence[
                 continue
             name = PROVIDER_ALIASES.get(raw.lower(), raw)
             if name not in available:
-                hint = (" (install onnxruntime-gpu, `pip install dmf[gpu]`, for CUDA and TensorRT)"
+                hint = (f" (install onnxruntime-gpu, `{install_hint('gpu')}`, for CUDA and TensorRT)"
                         if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "")
                 raise EngineError(f"execution provider {raw!r} is not available in this onnxruntime "
                                   f"(available: {', '.join(available)}){hint}")

@@ -13,6 +13,7 @@ import queue
 
 import numpy as np
 
+from dmf import install_hint
 from dmf.cpuinfo import cpu_info
 
 from .artifact import ModelFile
@@ -32,7 +33,7 @@ def _import_openvino():
     try:
         import openvino
     except ImportError:
-        raise EngineError("openvino is not installed: `pip install dmf[openvino]`") from None
+        raise EngineError(f"openvino is not installed: `{install_hint('openvino')}`") from None
     return openvino
 
 

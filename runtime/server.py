@@ -42,6 +42,7 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
+from dmf import install_hint
 from dmf.contract import MAX_CLIP_SECONDS, MIN_CLIP_SECONDS
 from dmf.preprocess import AudioError, AudioRangeError, TextError
 
@@ -533,7 +534,7 @@ def serve(predictor: Predictor, options: ServeOptions | None = None, host: str =
     try:
         import uvicorn
     except ImportError:
-        raise RuntimeError("the server needs the [serve] extra: `pip install dmf[serve]`") from None
+        raise RuntimeError(f"the server needs the [serve] extra: `{install_hint('serve')}`") from None
     opts = options or ServeOptions()
     app = create_app(predictor, opts)
 

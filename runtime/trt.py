@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from dmf import install_hint
+
 from .artifact import ModelFile
 from .engines import EngineError, check_io
 
@@ -181,7 +183,7 @@ def _import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise EngineError("tensorrt is not installed: `pip install dmf[trt]` (needs a CUDA GPU)") from None
+        raise EngineError(f"tensorrt is not installed: `{install_hint('trt')}` (needs a CUDA GPU)") from None
     except Exception as exc:  # a broken install: its libraries fail to load
         raise EngineError(f"tensorrt cannot be imported: {type(exc).__name__}: {_first_line(exc)}") from None
     return trt

@@ -4,7 +4,7 @@ such test skips with the same reason (tests/conftest.py applies it to the marker
 A CUDA device means `nvidia-smi -L` lists one: the probe `make test-gpu` uses too. /dev/nvidia0 is
 not used: WSL2 exposes GPUs through /dev/dxg (no /dev/nvidia*), and a container can carry the
 device node while no driver answers. Then:
-- gpu: onnxruntime-gpu's CUDAExecutionProvider is installed (`dmf[gpu]`).
+- gpu: onnxruntime-gpu's CUDAExecutionProvider is installed (the `gpu` extra).
 - trt: tensorrt imports and torch sees the GPU (export builds plans from the torch model;
   `dmf.export.tensorrt.unavailable_reason`, the check `dmf export --engine trt` makes).
 """

@@ -365,7 +365,7 @@ def _model_config_pb2():
     try:
         import tritonclient
     except ImportError:
-        pytest.skip("tritonclient is not installed (pip install 'dmf[dev]')")
+        pytest.skip("tritonclient is not installed (pip install -e '.[dev]')")
     # tritonclient without the grpc extra still ships the schema module; load it without grpcio
     path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
     spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)

@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @functools.lru_cache(maxsize=1)
 def schema():
     """tritonclient's model_config_pb2, loaded by path: it needs protobuf only, not grpcio."""
-    tritonclient = pytest.importorskip("tritonclient", reason="tritonclient is not installed (pip install 'dmf[dev]')")
+    tritonclient = pytest.importorskip("tritonclient", reason="tritonclient is not installed (pip install -e '.[dev]')")
     spec = importlib.util.spec_from_file_location(
         "triton_model_config_pb2", Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py")
     module = importlib.util.module_from_spec(spec)
