@@ -5,14 +5,18 @@ whole DMFConfig, encoder configs and the resolved preprocessing included, so it 
 hub), the text encoder's tokenizer files and the audio encoder's feature extractor
 (`preprocessor_config.json`): copied from the encoder the model was built from, so a hub or local
 encoder's own preprocessing (do_normalize, return_attention_mask) travels with every checkpoint.
-`DMFModel.save_pretrained` / `from_pretrained` call `save_checkpoint` / `load_checkpoint`.
+`DMFModel.save_pretrained` calls `save_checkpoint`; `DMFModel.from_pretrained` assembles the model
+from the parts `read_checkpoint` returns. This module never imports `dmf.model`: it reads and writes
+files, the model class builds itself.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,23 +55,34 @@ def save_checkpoint(model, directory: str | Path) -> Path:
     return directory
 
 
-def load_checkpoint(directory: str | Path, map_location: str = "cpu"):
-    """Rebuild a DMFModel (eval mode) from a checkpoint folder: config first (no hub), then the
-    tokenizer and feature extractor saved with it, then weights and memory."""
-    from dmf.model import DMFModel  # dmf.model imports this module
+@dataclass
+class CheckpointParts:
+    """What a checkpoint folder holds, read and checked: enough to build the model with no hub."""
 
+    directory: Path
+    config: DMFConfig
+    tokenizer: Any  # a transformers tokenizer
+    feature_extractor: Any  # a Wav2Vec2FeatureExtractor
+    weights: dict[str, torch.Tensor]  # state dict: parameters and memory buffers
+
+    def check_keys(self, missing, unexpected) -> None:
+        """A model built from `config` must take every weight and leave none out (`load_state_dict`'s
+        missing / unexpected keys): else the weights belong to another config."""
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{self.directory / WEIGHTS_NAME} does not match {self.directory / CONFIG_NAME}: "
+                f"missing {sorted(missing)[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"unexpected {sorted(unexpected)[:3]}{'...' if len(unexpected) > 3 else ''}")
+
+
+def read_checkpoint(directory: str | Path, map_location: str = "cpu") -> CheckpointParts:
+    """The parts of a checkpoint folder: config first (no hub), then the tokenizer and feature
+    extractor saved with it, then weights and memory. `DMFModel.from_pretrained` assembles them."""
     directory = Path(directory)
     config = load_checkpoint_config(directory)
-    model = DMFModel(config, tokenizer=_load_tokenizer(directory),
-                     feature_extractor=_load_feature_extractor(directory), pretrained=False)
-    state = _load_weights(directory / WEIGHTS_NAME, map_location)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME}: "
-            f"missing {sorted(missing)[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {sorted(unexpected)[:3]}{'...' if len(unexpected) > 3 else ''}")
-    return model.eval()
+    return CheckpointParts(directory, config, tokenizer=_load_tokenizer(directory),
+                           feature_extractor=_load_feature_extractor(directory),
+                           weights=_load_weights(directory / WEIGHTS_NAME, map_location))
 
 
 def load_checkpoint_config(directory: str | Path) -> DMFConfig:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmf.checkpoint import CheckpointError, load_checkpoint, load_checkpoint_config, save_checkpoint  # noqa: F401
+from dmf.checkpoint import read_checkpoint, save_checkpoint
 from dmf.config import DMFConfig, ModelConfig
 from dmf.encoders import build_audio_encoder, build_feature_extractor, build_text_encoder, build_tokenizer
 from dmf.fusion import Classifier, DualMemoryFusion, WrittenMemory, build_fusion
@@ -102,8 +102,13 @@ class DMFModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "DMFModel":
-        """`dmf.checkpoint.load_checkpoint(directory, map_location)`: the model in eval mode."""
-        return load_checkpoint(directory, map_location)
+        """The model of a checkpoint folder (`dmf.checkpoint.read_checkpoint`), in eval mode;
+        `dmf.checkpoint.CheckpointError` names the file that is missing, corrupt or mismatched."""
+        parts = read_checkpoint(directory, map_location)
+        model = cls(parts.config, tokenizer=parts.tokenizer, feature_extractor=parts.feature_extractor,
+                    pretrained=False)
+        parts.check_keys(*model.load_state_dict(parts.weights, strict=False))
+        return model.eval()
 
 
 # ------------------------------------------------------------------------------------ export form

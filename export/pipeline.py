@@ -139,7 +139,8 @@ def _check_targets(checkpoint: Path, out_dir: Path, triton_targets: list[Path], 
 
 
 def _load(checkpoint: Path):
-    from dmf.model import CheckpointError, DMFModel
+    from dmf.checkpoint import CheckpointError
+    from dmf.model import DMFModel
 
     try:
         return DMFModel.from_pretrained(checkpoint)

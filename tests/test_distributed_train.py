@@ -278,7 +278,7 @@ def test_nproc_relaunches_the_same_command_under_torchrun(monkeypatch, tmp_path)
 
 
 def test_mid_epoch_resume_needs_the_same_process_count(tmp_path):
-    from dmf.model import CheckpointError
+    from dmf.checkpoint import CheckpointError
     from dmf.train.trainer import _check_world_size
 
     two = distributed.Context(rank=0, world_size=2)

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dmf.checkpoint import CheckpointError
 from dmf.config import preset
 from dmf.fusion import CompactBilinearPooling, MemoryReader, TopKPool, WrittenMemory
 from dmf.loss import DMFObjective, dmf_loss, memory_similarity
-from dmf.model import CheckpointError, DMFModel, export_form
+from dmf.model import DMFModel, export_form
 
 TEXTS = ["i am so happy today", "this is outrageous and i am furious", "i miss her so much",
          "i went to the store on tuesday"]
