@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dmf.checkpoint import CheckpointError
+from dmf.checkpoint import CheckpointError
 from dmf.config import preset
 from dmf.fusion import CompactBilinearPooling, MemoryReader, TopKPool, WrittenMemory
 from dmf.loss import DMFObjective, dmf_loss, memory_similarity
@@ -71,9 +72,17 @@ def test_reader_weights_sum_to_one_and_temperature_is_clamped():
             assert torch.isfinite(w).all()
         tau = reader.temperature_of(x, memory)
         assert (tau >= 1e-4).all() and (tau <= 10.0).all()
-    with torch.no_grad():
-        reader.temperature.weight.fill_(1e3)
-    assert reader.temperature_of(torch.ones(2, 32), memory).max() == 10.0
+    # the read itself runs at the clamped tau (temperature_of is a separate copy of the formula)
+    reader.eval()
+    x = torch.randn(2, 32)
+    scores = x @ memory.T
+    for weight, bias, tau in ((0.0, 1e3, 10.0), (0.0, 0.0, 1e-4), (1e3, 0.0, 10.0)):
+        with torch.no_grad():
+            reader.temperature.weight.fill_(weight)
+            reader.temperature.bias.fill_(bias)
+        assert torch.allclose(reader.temperature_of(x, memory), torch.full((2, 1), tau))
+        expected = torch.softmax(scores.double() / tau, -1).float()
+        assert torch.allclose(reader.read_weights(x, memory), expected, atol=1e-5), (weight, bias)
 
 
 def test_reader_eval_is_deterministic_training_is_stochastic():
