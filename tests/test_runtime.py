@@ -25,7 +25,7 @@ from dmf.preprocess import AudioError, TextEncoder, TextError, preprocess_audio
 from dmf.runtime import (ArtifactError, EngineError, InputError, MicroBatcher, Prediction, Predictor,
                          load_artifact)
 from dmf.runtime.batcher import BatcherClosed
-from dmf.runtime.engines import select_providers
+from dmf.runtime.ort import select_providers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -459,11 +459,11 @@ def test_cli_manifest_unknown_output_suffix(rt, tmp_path):
     assert code == 2 and "unknown output type" in text
 
 
-# --------------------------------------------------------------------------------------- README
+# ------------------------------------------------------------------------- docs/serving.md
 
-def test_readme_embedding_example_runs_as_written(rt, tmp_path):
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Embedding the runtime", 1)[1]
+def test_serving_doc_python_example_runs_as_written(rt, tmp_path):
+    readme = (REPO / "docs" / "serving.md").read_text()
+    section = readme.split("## Python API", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     script = tmp_path / "example.py"
     script.write_text(code)
