@@ -1,6 +1,6 @@
 # `make test`: on a fresh machine, creates .venv, installs dmf with what the tests need, runs pytest.
 # `make demo`: same set-up, then the one-command demo.
-# `make test-gpu`: on a machine with an NVIDIA GPU (README "TensorRT and GPU tests").
+# `make test-gpu`: on a machine with an NVIDIA GPU (docs/reliability.md, "TensorRT and GPU tests").
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

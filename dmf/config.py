@@ -2,8 +2,7 @@
 
 Torch-free on purpose: the runtime and the CLI read configs without importing torch.
 Every paper default of docs/design.md ('Model decisions') is a field of `ModelConfig`;
-`preset("paper")` and
-`preset("tiny")` build the two shapes the project uses.
+`preset("paper")` and `preset("tiny")` build the two shapes the project uses.
 """
 
 from __future__ import annotations

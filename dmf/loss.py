@@ -26,7 +26,8 @@ the loss itself with gPool's scaled rows stored, 15 of 16 audio slots at norm 0.
 direction keeps the rows that share it, and identical slots stay identical through the
 permutation-equivariant writer: a selection that learns needs more than this term. The other
 reading, gPool's own (the classification loss trains the gate through the read of the gated rows),
-is `write_through_read` in `dmf.fusion`; it collapsed the audio memory on the same run (README).
+is `write_through_read` in `dmf.fusion`; it collapsed the audio memory on the same run
+(docs/results.md, 'The writer-gate study').
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""A Triton Inference Server model repository for an exported artifact (README "Serving with Triton").
+"""A Triton Inference Server model repository for an exported artifact.
+
+Usage and layout: docs/serving.md, "Serving with Triton".
 
 For the Triton name NAME (`--triton-name`, default `dmf`) the full repository is four entries:
 

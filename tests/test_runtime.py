@@ -1,4 +1,4 @@
-"""dmf.runtime: artifact validation, Predictor, engines, MicroBatcher, `dmf predict`, README example.
+"""dmf.runtime: artifact validation, Predictor, engines, MicroBatcher, `dmf predict`, the docs' example.
 
 One tiny exported artifact per session (conftest_runtime)."""
 

@@ -1,5 +1,5 @@
 """`python -m dmf.train --data ... --out ...`: the `dmf train` command on its own; what torchrun runs:
-`torchrun --nproc-per-node N -m dmf.train --data ... --out ...` (one worker per GPU, see README)."""
+`torchrun --nproc-per-node N -m dmf.train --data ... --out ...` (one worker per GPU, see docs/training.md)."""
 
 import typer
 
