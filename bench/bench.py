@@ -141,7 +141,7 @@ def _artifact_engine(case: Case, name: str, threads: int):
 def run_bench(cases: list[Case], options: BenchOptions = BenchOptions(),
               progress: Callable[[str], None] | None = None) -> dict:
     """Time every (engine, fusion) per batch size in interleaved rounds. Returns {"machine", "rows",
-    "ratios", "skipped", "head", "flops_per_sample", ...}: see docs in README ("dmf bench")."""
+    "ratios", "skipped", "head", "flops_per_sample", ...}: see docs/performance.md, "How to read dmf bench"."""
     say = progress or (lambda _msg: None)
     skipped: list[dict] = []
     engines = {(name, case.fusion): engine for case in cases

@@ -224,7 +224,7 @@ def choose_engine(artifact: Artifact, providers: str | Sequence[str] | None = No
     - trt / openvino artifacts: their own engine.
     - onnx artifacts: onnxruntime when providers are asked for (CUDA, TensorRT), for int8 (dynamic
       MatMulInteger graphs, slow in OpenVINO) and fp16, and whenever it is installed: on fp32
-      graphs OpenVINO at f32 only ties it (measured, README); OpenVINO when it is the one installed.
+      graphs OpenVINO at f32 only ties it (measured: docs/performance.md); OpenVINO when it is the one installed.
     """
     own = artifact.engine
     if own != "onnx":

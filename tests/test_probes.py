@@ -1,8 +1,8 @@
-"""The reliability probes behind the README's table: bad inputs through the Python API, HTTP (the
+"""The reliability probes behind the table in docs/reliability.md: bad inputs through the Python API, HTTP (the
 ASGI app in-process) and `dmf predict --manifest`, each of which must be refused with a one-line
 message and the right status, never crash (500 / an unexpected exception) and never hang.
 
-`pytest -s tests/test_probes.py` prints the tally the README quotes (after the last probe)."""
+`pytest -s tests/test_probes.py` prints the tally docs/reliability.md quotes (after the last probe)."""
 
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ def test_bad_manifest_rows_are_refused_by_the_cli(rt, tmp_path):
 
 @pytest.fixture(scope="module", autouse=True)
 def tally():
-    """After every probe of this module (in whatever order they ran): the table the README quotes
+    """After every probe of this module (in whatever order they ran): the table docs/reliability.md quotes
     (`pytest -s` shows it), and no crash or hang anywhere."""
     yield TALLY
     print("\n| interface | bad inputs tried | refused | crashes | hangs |\n|---|---|---|---|---|")
