@@ -124,7 +124,8 @@ def _torch_engine(model, precision: str, threads: int):
 
 def _artifact_engine(case: Case, name: str, threads: int):
     from dmf.runtime.artifact import ArtifactError, load_artifact
-    from dmf.runtime.engines import EngineError, create_engine
+    from dmf.runtime.engine import EngineError
+    from dmf.runtime.engines import create_engine
 
     if name in case.unavailable:
         raise BenchError(case.unavailable[name])

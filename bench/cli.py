@@ -74,7 +74,7 @@ def _bench(artifacts: list[Path], preset: str | None, options, out: Path | None)
     from dmf.config import ConfigError
     from dmf.export import ExportError
     from dmf.runtime.artifact import ArtifactError
-    from dmf.runtime.engines import EngineError
+    from dmf.runtime.engine import EngineError
 
     err = console()
     work = temporary_work_dir() if preset else None
@@ -100,7 +100,7 @@ def _batcher(artifact: Path, out: Path | None, settings: dict) -> None:
     from dmf.bench.batcher import BatcherOptions, run_batcher
     from dmf.bench.render import print_batcher, write_batcher_outputs
     from dmf.runtime.artifact import ArtifactError
-    from dmf.runtime.engines import EngineError
+    from dmf.runtime.engine import EngineError
 
     err = console()
     try:

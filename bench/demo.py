@@ -236,7 +236,7 @@ def demo(
     from dmf.data import DataError
     from dmf.export import ExportError
     from dmf.runtime.artifact import ArtifactError
-    from dmf.runtime.engines import EngineError
+    from dmf.runtime.engine import EngineError
 
     err = console()
     options = DemoOptions(out=out, seed=seed, utterances=utterances, epochs=epochs or None)

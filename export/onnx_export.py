@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dmf import contract as C
+from dmf.errors import first_line
 from dmf.export import ExportError
 
 OPSET = 20  # TensorRT 10's ONNX parser accepts opset 9..20; Gelu (used by both encoders) is opset 20
@@ -78,8 +79,7 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
                 input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
                 optimize=True, verbose=False, report=False)
         except Exception as exc:  # the exporter raises many types; keep the first line of its message
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise ExportError(f"torch.onnx export failed: {type(exc).__name__}: {first}") from exc
+            raise ExportError(f"torch.onnx export failed: {type(exc).__name__}: {first_line(exc)[:300]}") from exc
     del log
 
 

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from dmf import install_hint
+from dmf.errors import first_line
 from dmf.export import ExportError
 
 NEED = "TensorRT export needs a CUDA GPU and the tensorrt package"
@@ -102,7 +103,7 @@ def _builder(trt, logger):
         return trt.Builder(logger)
     except Exception as exc:  # TypeError "factory function returned nullptr": no usable GPU/driver
         raise ExportError(f"TensorRT cannot create its builder ({type(exc).__name__}: "
-                          f"{(str(exc).strip().splitlines() or [''])[0]}): {NO_GPU_HINT}") from None
+                          f"{first_line(exc)}): {NO_GPU_HINT}") from None
 
 
 def _parse(trt, builder, logger, onnx_path: Path, strongly_typed: bool):
@@ -156,7 +157,7 @@ def run_plan(plan: str | Path, model_config, precision: str, feeds: dict[str, np
     runtime's TrtEngine (the code `dmf predict` and `dmf serve` run, on its own CUDA stream);
     the engine is closed afterwards."""
     from dmf.export.verify import open_graph, run_chunks
-    from dmf.runtime.engines import EngineError
+    from dmf.runtime.engine import EngineError
 
     try:
         engine = open_graph("trt", plan, model_config, precision)

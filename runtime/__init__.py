@@ -12,7 +12,9 @@ from dmf.preprocess import AudioError, TextError
 
 from .artifact import Artifact, ArtifactError, load_artifact
 from .batcher import BatcherClosed, MicroBatcher, Overloaded
-from .engines import EngineError, OrtEngine, available_providers, create_engine
+from .engine import EngineError
+from .engines import create_engine
+from .ort import OrtEngine, available_providers
 from .predictor import INPUT_ERRORS, InputError, Prediction, Predictor
 from .server import ServeOptions, create_app
 

@@ -36,7 +36,7 @@ EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 def _load_predictor(artifact: Path, engine: str, providers: Optional[str], threads: Optional[int],
                     max_seconds: float):
     from .artifact import ArtifactError
-    from .engines import EngineError
+    from .engine import EngineError
     from .predictor import Predictor
 
     try:
@@ -63,7 +63,7 @@ def _check_predict_args(audio, text, manifest, out, batch_size: int) -> None:
 
 
 def _predict_one(predictor, audio: Path, text: str, as_json: bool) -> None:
-    from .engines import EngineError
+    from .engine import EngineError
     from .predictor import INPUT_ERRORS
 
     try:
@@ -98,7 +98,7 @@ def _predict_manifest(predictor, rows, out: Path, kind: str, batch_size: int, pr
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .bulk import RowWriter, predict_rows
-    from .engines import EngineError
+    from .engine import EngineError
 
     try:
         writer = RowWriter(out, kind, predictor.labels)
@@ -151,7 +151,7 @@ def _predict_conversation(predictor, audio: Path, transcript: Path, segments, ou
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .conversation import TranscriptError, plot_timeline, write_turns
-    from .engines import EngineError
+    from .engine import EngineError
     from .predictor import INPUT_ERRORS
 
     columns = (TextColumn("segments"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -1,4 +1,4 @@
-"""OpenVINO's CPU plugin behind the engine interface (`runtime/engines.py`).
+"""OpenVINO's CPU plugin behind the engine interface (runtime/engine.py).
 
 It reads dmf's `model.onnx` directly and the OpenVINO IR (`model.xml` + `model.bin`) that
 `dmf export --engine openvino` writes (fp32, bf16, or static int8 calibrated with NNCF).
@@ -15,9 +15,10 @@ import numpy as np
 
 from dmf import install_hint
 from dmf.cpuinfo import cpu_info
+from dmf.errors import first_line
 
 from .artifact import ModelFile
-from .engines import EngineError, check_io
+from .engine import EngineError, check_io
 
 # dmf.json precision -> the float precision OpenVINO may compute in (bf16 needs the CPU for it).
 FLOAT_PRECISION = {"fp32": "f32", "fp16": "f32", "bf16": "bf16", "int8": "bf16"}
@@ -53,8 +54,7 @@ class OpenVinoEngine:
         try:
             self.compiled = ov.Core().compile_model(str(model.model_path), "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError with multi-line context
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise EngineError(f"{model.model_path}: OpenVINO cannot load the model: {first}") from None
+            raise EngineError(f"{model.model_path}: OpenVINO cannot load the model: {first_line(exc)}") from None
         self._check(model)
         self.output = self.compiled.output(model.output_name)
         self.input_names = model.input_names

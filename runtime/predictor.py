@@ -23,7 +23,8 @@ from dmf.contract import MAX_TEXT_CHARS as DEFAULT_MAX_TEXT_CHARS
 from dmf.contract import MIN_CLIP_SECONDS as DEFAULT_MIN_SECONDS
 
 from .artifact import Artifact, ArtifactError, load_artifact
-from .engines import Engine, EngineError, create_engine
+from .engine import Engine, EngineError
+from .engines import create_engine
 
 
 class InputError(ValueError):

@@ -48,7 +48,7 @@ from dmf.preprocess import AudioError, AudioRangeError, TextError
 
 from .conversation import MAX_RECORDING_SECONDS, POLICIES, TranscriptError, read_transcript
 from .batcher import BatcherClosed, MicroBatcher, Overloaded
-from .engines import EngineError
+from .engine import EngineError
 from .predictor import InputError, Predictor, ResultError
 
 log = logging.getLogger("dmf.runtime.server")

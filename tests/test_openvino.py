@@ -21,7 +21,8 @@ from dmf.export import verify as V  # noqa: E402
 from dmf.model import DMFModel  # noqa: E402
 from dmf.runtime import Predictor  # noqa: E402
 from dmf.runtime.artifact import ModelFile, TensorSpec, load_artifact  # noqa: E402
-from dmf.runtime.engines import EngineError, choose_engine, create_engine, open_engine  # noqa: E402
+from dmf.runtime.engine import EngineError  # noqa: E402
+from dmf.runtime.engines import choose_engine, create_engine, open_engine  # noqa: E402
 from dmf.torch_engine import TorchEngine  # noqa: E402
 
 TEXTS = ["i am so happy today", "this is terrible news", "leave me alone", "what a surprise", "okay fine"]

@@ -27,6 +27,7 @@ from conftest_runtime import TEXTS, predictor, rt, tone  # noqa: F401
 
 from dmf import contract as C
 from dmf.runtime import EngineError, Predictor
+from dmf.runtime import cudart as CU
 from dmf.runtime import trt as T
 from dmf.runtime.artifact import ModelFile
 
@@ -102,9 +103,9 @@ class FakeCuda:
 
     def _cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
         self.stream_ok(stream.value, "cudaMemcpyAsync")
-        if kind == T._CudaRuntime.H2D and (mem := self.device(dst.value, nbytes, "copy to device")) is not None:
+        if kind == CU.CudaRuntime.H2D and (mem := self.device(dst.value, nbytes, "copy to device")) is not None:
             mem[:nbytes] = ctypes.string_at(src.value, nbytes)
-        if kind == T._CudaRuntime.D2H and (mem := self.device(src.value, nbytes, "copy to host")) is not None:
+        if kind == CU.CudaRuntime.D2H and (mem := self.device(src.value, nbytes, "copy to host")) is not None:
             ctypes.memmove(dst.value, bytes(mem[:nbytes]), nbytes)
         return 0
 
@@ -244,7 +245,7 @@ def fake_tensorrt(cuda: FakeCuda, widths=WIDTHS, max_batch: int = 8, runtime_err
 @pytest.fixture
 def cuda(monkeypatch) -> FakeCuda:
     fake = FakeCuda()
-    monkeypatch.setattr(T, "load_cudart", lambda: fake.lib)
+    monkeypatch.setattr(CU, "load_cudart", lambda: fake.lib)
     return fake
 
 
@@ -381,36 +382,36 @@ def test_plan_problems_are_engine_errors(cuda, fake_trt, plan_file, tmp_path):
 # ------------------------------------------------------------------------- choosing libcudart
 
 def _libraries(monkeypatch, libs: dict[str, FakeCuda], prefer: int | None) -> None:
-    monkeypatch.setattr(T, "_library_names", lambda: list(libs))
-    monkeypatch.setattr(T, "_open_library", lambda name: libs[name].lib if name in libs else None)
-    monkeypatch.setattr(T, "_tensorrt_cuda_major", lambda: prefer)
+    monkeypatch.setattr(CU, "_library_names", lambda: list(libs))
+    monkeypatch.setattr(CU, "_open_library", lambda name: libs[name].lib if name in libs else None)
+    monkeypatch.setattr(CU, "_tensorrt_cuda_major", lambda: prefer)
 
 
 def test_cudart_with_the_tensorrt_wheels_cuda_major_wins(monkeypatch):
     libs = {"libcudart.so.13": FakeCuda(13000), "libcudart.so.12": FakeCuda(12080), "missing.so": None}
     _libraries(monkeypatch, {k: v for k, v in libs.items() if v}, prefer=12)
-    assert T.load_cudart() is libs["libcudart.so.12"].lib
+    assert CU.load_cudart() is libs["libcudart.so.12"].lib
     _libraries(monkeypatch, {k: v for k, v in libs.items() if v}, prefer=None)
-    assert T.load_cudart() is libs["libcudart.so.13"].lib  # no wheel to go by: the first that works
+    assert CU.load_cudart() is libs["libcudart.so.13"].lib  # no wheel to go by: the first that works
 
 
 def test_cudart_too_new_for_the_driver_falls_back_to_one_that_works(monkeypatch):
     libs = {"libcudart.so.13": FakeCuda(13000, device_status=35), "libcudart.so.12": FakeCuda(12080)}
     _libraries(monkeypatch, libs, prefer=13)
-    assert T.load_cudart() is libs["libcudart.so.12"].lib
+    assert CU.load_cudart() is libs["libcudart.so.12"].lib
 
 
 def test_no_usable_cudart_is_one_line_naming_each_candidate(monkeypatch):
     libs = {"libcudart.so.13": FakeCuda(13000, device_status=35), "libcudart.so.12": FakeCuda(12080, devices=0)}
     _libraries(monkeypatch, libs, prefer=None)
     with pytest.raises(EngineError) as err:
-        T.load_cudart()
+        CU.load_cudart()
     msg = _one_line(err)
     assert "libcudart.so.13: CUDA 13.0 runtime needs driver >= 580.65" in msg and "supports CUDA 12.4" in msg
     assert "libcudart.so.12: CUDA 12.8 runtime: no CUDA device" in msg
     _libraries(monkeypatch, {}, prefer=None)
     with pytest.raises(EngineError, match="libcudart.*was not found"):
-        T.load_cudart()
+        CU.load_cudart()
 
 
 # ------------------------------------------------------------------ Predictor on a plan artifact
@@ -625,7 +626,7 @@ def _probs(pred) -> np.ndarray:
 
 @pytest.mark.gpu
 def test_cuda_runtime_round_trip_on_the_gpu():
-    cuda = T._CudaRuntime()
+    cuda = CU.CudaRuntime()
     stream = cuda.stream()
     host = np.arange(4096, dtype=np.float32)
     back = np.zeros_like(host)
