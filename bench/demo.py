@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from dmf.config import atomic_write_text
+from dmf.fileio import atomic_write_text
 from dmf.contract import META_FILE
 
 FUSIONS = ("memory", "naive")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dmf.bench.bench import BASELINES, ENGINES
-from dmf.config import atomic_write_bytes, atomic_write_text
+from dmf.fileio import atomic_write_bytes, atomic_write_text
 
 COLUMNS = [  # (key, header, format): narrow headers so the table fits an 80-column terminal
     ("engine", "engine", "{}"), ("fusion", "fusion", "{}"), ("batch_size", "B", "{}"),

@@ -19,8 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from dmf.config import ConfigError, DMFConfig, atomic_write_text
+from dmf.config import ConfigError, DMFConfig
 from dmf.data.corpus import Corpus, DataError
+from dmf.fileio import atomic_write_text
 from dmf.train import distributed
 from dmf.train.dataset import AudioCache, check_fold, loso_split
 from dmf.train.metrics import compute_metrics, plot_confusion

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dmf.config import atomic_write_bytes
+from dmf.fileio import atomic_write_bytes
 
 
 def confusion(y_true: Sequence[int], y_pred: Sequence[int], num_labels: int) -> np.ndarray:

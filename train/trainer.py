@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from dmf.checkpoint import CheckpointError
-from dmf.config import ConfigError, DMFConfig, TrainConfig, atomic_write_text
+from dmf.config import ConfigError, DMFConfig, TrainConfig
+from dmf.fileio import atomic_write_text
 from dmf.loss import DMFObjective
 from dmf.model import DMFModel, parameter_groups
 from dmf.train import distributed
