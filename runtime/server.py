@@ -12,8 +12,10 @@ Endpoints (the route table `ROUTES`; each handler reads what it needs from `requ
 - `POST /v1/conversation`: multipart/form-data with file fields `audio` (the recording) and
   `transcript` (.vtt, .srt or .json: its file name's suffix decides) and an optional field `policy`
   (first | windows). 200: `Conversation.to_dict()` (turns, per-speaker summary, warnings). The
-  upload limit applies, and `max_recording_seconds`; a bad transcript is a 400 naming the segment.
-  It counts against max_queue and runs in a worker thread (segments batched by `Predictor.infer`).
+  upload limit applies, and `max_recording_seconds`; a bad transcript is a 400 naming the segment,
+  one of more than `max_segments` segments a 413 naming the limit. It counts against max_queue and
+  runs in a worker thread (segments batched by `Predictor.infer`) under the same deadline as a
+  predict: no result within `request_timeout_s` is a 503, and the worker stops at its next batch.
 - `GET /healthz`: 200 `{"status": "ok", ...artifact summary}` while serving, 503 when closing.
 - `GET /metrics`: JSON by default; Prometheus text exposition with `?format=prometheus`.
   Request counts by status code, batches, batch-size histogram, request latency p50/p99.
@@ -21,9 +23,13 @@ Endpoints (the route table `ROUTES`; each handler reads what it needs from `requ
 Limits (`ServeOptions`): at most `max_queue` predict requests at once (each holds at most one
 upload, so upload memory is bounded by max_queue x max_upload_mb; upload parts over 1 MiB spool
 to a temp file while they arrive); each has `request_timeout_s` for its body (else 408) and its
-result (else 503); a connection gets `header_timeout_s` to send a request's headers and is closed
-after `keep_alive_s` idle; uvicorn refuses connections past `max_connections`. On SIGTERM uvicorn
-stops accepting and finishes in-flight requests; those still waiting `grace_s` later get 503.
+result (else 503); a connection gets `header_timeout_s` to send a request's headers (request line
++ headers over MAX_HEADER_BYTES: 431) and is closed after `keep_alive_s` idle. At most
+`max_connections` connections are open: past it the connections idle longest between requests
+are closed to make room (as nginx reuses keep-alive connections), and only when none is idle does
+a new connection's request get 503. Idle connections never count against the work limits, so
+/healthz answers while the predict queue has room. On SIGTERM uvicorn stops accepting and
+finishes in-flight requests; those still waiting `grace_s` later get 503.
 
 `create_app(predictor, options)` builds the ASGI app (tests use it in-process); `serve()` runs
 it under uvicorn. starlette and uvicorn are imported inside the functions that need them.
@@ -33,7 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -56,7 +64,8 @@ log = logging.getLogger("dmf.runtime.server")
 FORM_FIELDS = ("audio", "text")
 MAX_PARTS = 8  # form parts parsed before the body is refused (only two are used)
 MAX_FIELD_BYTES = 64 * 1024  # a plain (non-file) field; the model reads max_tokens tokens anyway
-MAX_HEADER_BYTES = 16 * 1024  # request line + headers (h11's buffer limit)
+MAX_HEADER_BYTES = 16 * 1024  # request line + headers: over it, 431 (checked by the app and in h11's buffer)
+MAX_SEGMENTS = 10_000  # /v1/conversation segments per request: a 4-hour recording with a cue every 1.5 s
 SHUTDOWN_FLUSH_S = 2.0  # uvicorn's own shutdown limit is grace_s + this, so the 503s get written
 CLIENT_GONE = 499  # nginx's code for "client closed the request": recorded, never sent
 
@@ -75,23 +84,30 @@ class ServeOptions:
     grace_s: float = 10.0  # on SIGTERM, requests still unanswered this long after get 503
     header_timeout_s: float = 10.0  # a connection must send a request's complete headers within this
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
-    max_connections: int = 256  # open connections (uvicorn limit_concurrency); past it uvicorn answers 503
+    max_connections: int = 256  # open connections; past it the longest-idle keep-alive ones are closed
+    max_segments: int = MAX_SEGMENTS  # /v1/conversation: more transcript segments than this is a 413
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "workers", "max_connections"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} = {getattr(self, name)} is invalid: expected an integer >= 1")
+        for name in ("max_batch", "max_queue", "workers", "max_connections", "max_segments"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} = {value!r} is invalid: expected an integer >= 1")
+        # NaN compares false with everything, so each bound is written as "not (valid)"
         for name in ("max_wait_ms", "min_audio_seconds", "grace_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} = {getattr(self, name)} is invalid: expected >= 0")
+            if not _finite(getattr(self, name)) or not getattr(self, name) >= 0:
+                raise ValueError(f"{name} = {getattr(self, name)!r} is invalid: expected a finite number >= 0")
         for name in ("max_upload_mb", "max_audio_seconds", "max_recording_seconds", "request_timeout_s", "header_timeout_s",
                      "keep_alive_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} = {getattr(self, name)} is invalid: expected > 0")
+            if not _finite(getattr(self, name)) or not getattr(self, name) > 0:
+                raise ValueError(f"{name} = {getattr(self, name)!r} is invalid: expected a finite number > 0")
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class HTTPError(Exception):
@@ -336,6 +352,11 @@ async def _predict(request) -> dict:
     return {**result.to_dict(), "truncated": truncated}
 
 
+class _Abandoned(Exception):
+    """Raised inside a conversation's worker thread once its request has been answered (deadline
+    or shutdown): the worker stops at its next batch instead of running on for nobody."""
+
+
 async def _conversation(request) -> dict:
     state = request.app.state
     opts: ServeOptions = state.options
@@ -343,18 +364,35 @@ async def _conversation(request) -> dict:
     audio, raw, name, policy = await _within(
         read_form(request, opts.max_upload_bytes, _conversation_fields, "file fields 'audio' and 'transcript'"),
         deadline, state.shutdown, 408, f"request body not received within {opts.request_timeout_s:g} s")
-    segments = read_transcript(raw, name=name)
-    # a long recording takes as long as its segments: run off the event loop, without the result timeout
-    result = await asyncio.to_thread(state.predictor.predict_conversation, audio, segments, policy=policy,
-                                     name=name, max_seconds=opts.max_recording_seconds)
+    abandoned = threading.Event()
+
+    def stop_if_abandoned(_done: int) -> None:
+        if abandoned.is_set():
+            raise _Abandoned()
+
+    def work():  # off the event loop: a large transcript takes a while to parse, every segment to run
+        segments = read_transcript(raw, name=name)
+        if len(segments) > opts.max_segments:
+            raise HTTPError(413, f"{name}: {len(segments)} segments, over this server's limit of "
+                                 f"{opts.max_segments} per request; split the recording")
+        return state.predictor.predict_conversation(audio, segments, policy=policy, name=name,
+                                                    max_seconds=opts.max_recording_seconds,
+                                                    progress=stop_if_abandoned)
+
+    try:
+        result = await _within(asyncio.to_thread(work), deadline, state.shutdown, 503,
+                               f"no result within {opts.request_timeout_s:g} s; send a shorter recording "
+                               "(fewer segments) or retry later")
+    finally:
+        abandoned.set()
     return result.to_dict()
 
 
 def _json(status: int, payload: Any):
     from starlette.responses import JSONResponse
 
-    # 408/413/499: the body may be unread; closing stops a trickling client from holding the connection.
-    headers = {"connection": "close"} if status in (408, 413, CLIENT_GONE) else None
+    # 408/413/431/499: the body may be unread; closing stops a trickling client from holding the connection.
+    headers = {"connection": "close"} if status in (408, 413, 431, CLIENT_GONE) else None
     return JSONResponse(payload, status_code=status, headers=headers)
 
 
@@ -451,15 +489,42 @@ def prometheus_text(server: dict, batcher: dict, queue_depth: int) -> str:
 
 # ------------------------------------------------------------------------------------------- app
 
+def request_head_bytes(scope: dict) -> int:
+    """The size of a request's request line and headers as sent (HTTP/1.1 framing)."""
+    target = len(scope.get("raw_path") or scope["path"].encode()) + (len(scope["query_string"]) + 1
+                                                                     if scope.get("query_string") else 0)
+    line = len(scope["method"]) + 1 + target + len(" HTTP/1.1\r\n")
+    return line + sum(len(name) + len(value) + 4 for name, value in scope["headers"]) + 2
+
+
+class HeaderLimit:
+    """ASGI middleware: a request whose request line + headers exceed `limit` bytes gets 431.
+    (h11 limits only a buffer of incomplete headers; complete headers that arrive in one read of
+    up to 256 KiB would otherwise pass.)"""
+
+    def __init__(self, app, metrics: ServerMetrics, limit: int = MAX_HEADER_BYTES) -> None:
+        self.app, self.metrics, self.limit = app, metrics, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and (size := request_head_bytes(scope)) > self.limit:
+            self.metrics.record(431, 0.0)
+            reply = _json(431, {"error": f"request line and headers are {size} bytes, over the {self.limit} byte limit"})
+            await reply(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(predictor: Predictor, options: ServeOptions | None = None):
     """The ASGI app: `ROUTES` over app.state (predictor, batcher, metrics, options, shutdown)."""
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.routing import Route
 
     opts = options or ServeOptions()
+    metrics = ServerMetrics()
 
     def preprocess(audio, text):
         return predictor.preprocess(audio, text, min_seconds=opts.min_audio_seconds,
@@ -478,41 +543,106 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None):
         return _json(exc.status_code, {"error": str(exc.detail)})
 
     app = Starlette(routes=[Route(path, handler, methods=[method]) for method, path, handler in ROUTES],
-                    exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+                    exception_handlers={HTTPException: http_error}, lifespan=lifespan,
+                    middleware=[Middleware(HeaderLimit, metrics=metrics)])
     app.state.predictor, app.state.batcher, app.state.options = predictor, batcher, opts
-    app.state.metrics, app.state.shutdown = ServerMetrics(), Shutdown()
+    app.state.metrics, app.state.shutdown = metrics, Shutdown()
     return app
 
 
 # ---------------------------------------------------------------------------------------- uvicorn
 
-def _header_deadline_protocol(header_timeout_s: float):
-    """uvicorn's h11 protocol plus a header deadline: a connection must deliver each request's
-    complete headers within `header_timeout_s` of opening or of its first byte after the previous
-    response; else it is closed. (uvicorn alone waits for ever on a client that sends nothing,
-    or a header byte a second; its keep-alive timer only covers idle time after a response.)"""
+REFUSED_HEADER_TIMEOUT_S = 1.0  # a connection refused at the cap gets this long to send the request its 503 answers
+
+
+def _protocol(opts: ServeOptions, metrics: ServerMetrics):
+    """uvicorn's h11 protocol with a header deadline, a connection cap that sheds idle keep-alive
+    connections first, and JSON answers to malformed or oversized request heads.
+
+    Header deadline: a connection must deliver each request's complete headers within
+    `header_timeout_s` of opening or of its first byte after the previous response; else it is
+    closed. (uvicorn alone waits for ever on a client that sends nothing, or a header byte a
+    second; its keep-alive timer only covers idle time after a response.)
+
+    Connection cap: uvicorn's own limit (limit_concurrency) counts idle keep-alive connections,
+    so clients that keep a connection open after their request fill it and every new client,
+    liveness probes included, gets 503 while the server has nothing to do. Instead, when a new
+    connection takes the count past `max_connections`, the connections idle longest between
+    requests are closed (an idle keep-alive connection may be closed at any time, RFC 9112 9.8;
+    clients reconnect). Only when no connection is idle does the new one get 503 for its request,
+    and it is closed. Work is limited by the app (max_queue), not by counting connections."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeaderDeadlineProtocol(H11Protocol):
+    cap, header_timeout_s = opts.max_connections, opts.header_timeout_s
+
+    async def at_capacity(scope, receive, send) -> None:
+        metrics.record(503, 0.0)
+        reply = _json(503, {"error": f"server at its limit of {cap} open connections, none idle; retry later"})
+        reply.headers["connection"] = "close"
+        await reply(scope, receive, send)
+
+    class DMFProtocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _idle_since: float | None = None  # set while idle between requests (after a response)
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._arm()
+            refused = not self._make_room()
+            if refused:
+                self.app = at_capacity  # this connection's request gets 503, then the connection closes
+            self._arm(REFUSED_HEADER_TIMEOUT_S if refused else header_timeout_s)
 
         def data_received(self, data: bytes) -> None:
+            self._idle_since = None
             super().data_received(data)
             if self.cycle is not None and not self.cycle.response_complete:
                 self._disarm()  # the headers are in: the request deadline takes over
             elif self._header_timer is None:
-                self._arm()  # bytes of the next request's headers
+                self._arm(header_timeout_s)  # bytes of the next request's headers
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._idle_since = time.monotonic()
 
         def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)
 
-        def _arm(self) -> None:
-            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+        def send_400_response(self, msg: str) -> None:
+            """h11 refused the request head: 431 when its buffer of incomplete headers outgrew
+            MAX_HEADER_BYTES, else 400; JSON like every other error, and the connection closes."""
+            too_long = len(self.conn.trailing_data[0]) > MAX_HEADER_BYTES
+            status = 431 if too_long else 400
+            message = (f"request line and headers are over the {MAX_HEADER_BYTES} byte limit" if too_long
+                       else "malformed HTTP request")
+            body = json.dumps({"error": message}).encode()
+            head = (f"HTTP/1.1 {status} {'Request Header Fields Too Large' if too_long else 'Bad Request'}\r\n"
+                    f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n")
+            metrics.record(status, 0.0)
+            self.transport.write(head.encode() + body)
+            self.transport.close()
+
+        def _make_room(self) -> bool:
+            """Close the longest-idle connections until this one fits under the cap; False if it
+            cannot (every other connection is busy)."""
+            open_now = [c for c in self.connections if not c.transport.is_closing()]
+            excess = len(open_now) - cap
+            if excess <= 0:
+                return True
+            idle = sorted((c for c in open_now if c is not self and getattr(c, "_idle_since", None) is not None),
+                          key=lambda c: c._idle_since)
+            for conn in idle[:excess]:
+                conn._shed()
+            return len(idle) >= excess
+
+        def _shed(self) -> None:
+            self._idle_since = None
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_handler()  # h11's close of an idle connection
+
+        def _arm(self, seconds: float) -> None:
+            self._header_timer = self.loop.call_later(seconds, self._headers_late)
 
         def _disarm(self) -> None:
             if self._header_timer is not None:
@@ -524,7 +654,7 @@ def _header_deadline_protocol(header_timeout_s: float):
             if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
                 self.transport.close()
 
-    return HeaderDeadlineProtocol
+    return DMFProtocol
 
 
 def serve(predictor: Predictor, options: ServeOptions | None = None, host: str = "127.0.0.1", port: int = 8000,
@@ -544,8 +674,8 @@ def serve(predictor: Predictor, options: ServeOptions | None = None, host: str =
             await super().shutdown(sockets)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            http=_header_deadline_protocol(opts.header_timeout_s),
-                            timeout_keep_alive=opts.keep_alive_s, limit_concurrency=opts.max_connections,
+                            http=_protocol(opts, app.state.metrics),  # header deadline, connection cap
+                            timeout_keep_alive=opts.keep_alive_s, limit_concurrency=None,
                             timeout_graceful_shutdown=opts.grace_s + SHUTDOWN_FLUSH_S,
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     try:

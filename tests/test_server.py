@@ -460,3 +460,53 @@ def test_busy_timeout_and_shutdown_answers_are_503_json(rt):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ------------------------------------------------------------------ /v1/conversation limits (#22)
+
+def _conversation_files(cues: int, seconds: float = 10.0) -> dict:
+    from conftest_runtime import tone, wav_bytes
+
+    segments = [{"start": (i % 90) / 10, "end": (i % 90) / 10 + 0.5, "text": f"cue {i}", "speaker": f"s{i}"}
+                for i in range(cues)]
+    return {"audio": ("call.wav", wav_bytes(tone(seconds, seed=2)), "audio/wav"),
+            "transcript": ("call.json", json.dumps(segments).encode(), "application/json")}
+
+
+def test_a_conversation_past_the_timeout_is_503_and_its_worker_stops(predictor, monkeypatch):
+    """--timeout 1 and batches of 0.4 s: the answer is 503 at ~1 s (it was 200 after every
+    batch ran), and the worker thread stops at its next batch instead of running on."""
+    calls: list[float] = []
+    real = predictor.engine.infer
+
+    def slow(batch):
+        calls.append(time.monotonic())
+        time.sleep(0.4)
+        return real(batch)
+
+    monkeypatch.setattr(predictor.engine, "infer", slow)
+    app = create_app(predictor, ServeOptions(request_timeout_s=1.0))
+    with TestClient(app) as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/conversation", files=_conversation_files(400))  # 13 batches of 32: over 5 s
+        took = time.monotonic() - t0
+        assert r.status_code == 503 and "no result within 1 s" in r.json()["error"], r.text[:300]
+        assert took < 2.5
+        answered = len(calls)
+        time.sleep(1.5)
+        assert len(calls) - answered <= 1, (answered, len(calls))  # at most the batch already running
+
+
+def test_a_transcript_over_the_segment_limit_is_413_naming_it(predictor):
+    with TestClient(create_app(predictor, ServeOptions(max_segments=5))) as c:
+        assert c.post("/v1/conversation", files=_conversation_files(5)).status_code == 200
+        r = c.post("/v1/conversation", files=_conversation_files(6))
+    assert r.status_code == 413 and r.json()["error"] == "call.json: 6 segments, over this server's limit of 5 per request; split the recording"
+
+
+@pytest.mark.parametrize("field, value", [("max_recording_seconds", float("nan")), ("request_timeout_s", float("inf")),
+                                          ("grace_s", float("nan")), ("max_wait_ms", float("inf")),
+                                          ("max_segments", 0), ("max_connections", 2.5)])
+def test_serve_options_refuse_non_finite_and_out_of_range_values(field, value):
+    with pytest.raises(ValueError, match=f"{field} = {value!r} is invalid"):
+        ServeOptions(**{field: value})
