@@ -17,6 +17,7 @@ from pathlib import Path
 FORMAT = "dmf-artifact"
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
+CONTENT_DIGEST = "content_sha256"  # dmf.json field: sha256 of the rest of dmf.json in canonical form (`seal`)
 
 # Files inside an artifact folder.
 META_FILE = "dmf.json"
@@ -63,6 +64,25 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def canonical_json(data: dict) -> bytes:
+    """The canonical form a digest is taken over: sorted keys, no whitespace, UTF-8, no NaN.
+    Floats round-trip through JSON exactly, so a dmf.json read back gives the same bytes."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def content_digest(meta: dict) -> str:
+    """sha256 of dmf.json's content without its own CONTENT_DIGEST field."""
+    return hashlib.sha256(canonical_json({k: v for k, v in meta.items() if k != CONTENT_DIGEST})).hexdigest()
+
+
+def seal(meta: dict) -> dict:
+    """`meta` with its CONTENT_DIGEST set: what export writes, and what the runtime checks, so an
+    edit of dmf.json after export (labels reordered, a normalisation constant changed) is refused.
+    It guards against accidents and stale copies, not an attacker (who can recompute it)."""
+    meta = json.loads(json.dumps(meta, allow_nan=False))  # as it reads back: tuples as lists, keys as str
+    return {**meta, CONTENT_DIGEST: content_digest(meta)}
 
 
 def write_json(path: str | Path, data: dict) -> None:

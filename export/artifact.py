@@ -18,11 +18,12 @@ def io_spec(model_config) -> tuple[list[dict], list[dict]]:
 
 def manifest(*, model_config, engine: str, precision: str, max_batch: int, checkpoint: Path,
              checkpoint_sha256: str, files: dict[str, str], parity: dict) -> dict:
-    """dmf.json content. `files`: artifact file name -> sha256 (model file and tokenizer)."""
+    """dmf.json content, sealed with its content digest (`dmf.contract.seal`). `files`: artifact
+    file name -> sha256 (model file and tokenizer)."""
     from dmf.preprocess import NORM_EPS
 
     inputs, outputs = io_spec(model_config)
-    return {
+    return C.seal({
         "format": C.FORMAT,
         "schema_version": C.SCHEMA_VERSION,
         "dmf_version": __version__,
@@ -44,7 +45,7 @@ def manifest(*, model_config, engine: str, precision: str, max_batch: int, check
         "files": dict(sorted(files.items())),
         "parity": {k: parity[k] for k in PARITY_SUMMARY_KEYS if k in parity},
         "model_config": json.loads(json.dumps(asdict(model_config))),
-    } | _tensorrt_target(parity)
+    } | _tensorrt_target(parity))
 
 
 def _tensorrt_target(parity: dict) -> dict:

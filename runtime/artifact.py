@@ -9,17 +9,29 @@ Torch-free (json, hashlib, pathlib only).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dmf.contract import (AUDIO_INPUT, FORMAT, IDS_INPUT, INPUT_NAMES, MASK_INPUT, MODEL_FILES, SUPPORTED_SCHEMA_VERSIONS,
-                          io_spec, sha256_file)
+import numpy as np
+
+from dmf.contract import (AUDIO_INPUT, CONTENT_DIGEST, FORMAT, IDS_INPUT, INPUT_NAMES, MASK_INPUT, MAX_CLIP_SECONDS,
+                          MODEL_FILES, SUPPORTED_SCHEMA_VERSIONS, content_digest, io_spec, sha256_file)
 from dmf.contract import META_FILE as META_NAME
 from dmf.contract import NORMALIZE_OVER
 
 ENGINES = tuple(MODEL_FILES)
 MAX_META_BYTES = 1 << 20  # dmf.json is a few KiB; a larger one is not ours (and is not parsed)
+
+# Ranges of dmf.json's numbers. Wide enough for any model dmf exports; outside them the value is a
+# typo or an edit, and would fail later and less clearly (a huge width allocates at the warm-up,
+# eps = Infinity zeroes every clip, eps = NaN turns every clip into NaN).
+SAMPLE_RATES = (1000, 768_000)  # Hz
+MAX_TOKENS = 8192  # a text encoder's longest input
+MAX_BATCH = 4096
+EPS_RANGE = (0.0, 1e-2)  # exclusive lower bound: silence needs eps > 0 to normalise to 0, not NaN
+LOG_PROB_TOLERANCE = 0.05  # |logsumexp(row)| at the warm-up: probabilities summing to 1 +- ~5 % (bf16 engines)
 
 
 class ArtifactError(RuntimeError):
@@ -121,11 +133,16 @@ def _require(meta: dict, key: str, kind: type | tuple, where: Path) -> Any:
     return value
 
 
-def _positive_int(meta: dict, key: str, where: Path) -> int:
+def _int_in(meta: dict, key: str, where: Path, low: int, high: int) -> int:
     value = _require(meta, key, int, where)
-    if value < 1:
-        raise ArtifactError(f"{where}: field '{key}' = {value!r} is invalid: expected an integer >= 1")
+    if not low <= value <= high:
+        raise ArtifactError(f"{where}: field '{key}' = {value!r} is invalid: expected an integer in [{low}, {high}]")
     return value
+
+
+def _no_constant(name: str):
+    """json.loads' hook for NaN / Infinity / -Infinity, which Python accepts and JSON does not have."""
+    raise ValueError(f"non-finite number {name} (JSON has no NaN or Infinity)")
 
 
 def _inside(root: Path, name: str, where: Path, key: str) -> Path:
@@ -168,12 +185,14 @@ def load_artifact(path: str | Path, *, verify: bool = True) -> Artifact:
         raise ArtifactError(f"{where}: field 'engine' = {engine!r} is invalid: expected one of {ENGINES}")
     labels = _labels(meta, where)
     do_normalize, eps, normalize_over = _normalisation(meta, where)
-    sample_rate = _positive_int(meta, "sample_rate", where)
-    input_samples = _positive_int(meta, "input_samples", where)
-    max_tokens = _positive_int(meta, "max_tokens", where)
-    max_batch = _positive_int(meta, "max_batch", where)
+    sample_rate = _int_in(meta, "sample_rate", where, *SAMPLE_RATES)
+    # a window longer than the longest accepted clip would only ever score padding
+    input_samples = _int_in(meta, "input_samples", where, 1, int(MAX_CLIP_SECONDS * sample_rate))
+    max_tokens = _int_in(meta, "max_tokens", where, 1, MAX_TOKENS)
+    max_batch = _int_in(meta, "max_batch", where, 1, MAX_BATCH)
     inputs, outputs = _io_specs(meta, where, input_samples, max_tokens, len(labels))
     model_path, tokenizer_path = _model_files(meta, root, where, [s.name for s in inputs])
+    _check_content_digest(meta, where)
     _check_digests(meta, root, where, model_path, verify)
     return Artifact(
         path=root, meta=meta, engine=engine, precision=str(meta.get("precision", "fp32")),
@@ -197,7 +216,7 @@ def _read_meta(root: Path) -> tuple[dict, Path]:
         raise ArtifactError(f"{where}: {where.stat().st_size} bytes, over the {MAX_META_BYTES} byte limit "
                             "for a metadata file")
     try:
-        meta = json.loads(where.read_text(encoding="utf-8"))
+        meta = json.loads(where.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise ArtifactError(f"{where}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
@@ -230,10 +249,12 @@ def _normalisation(meta: dict, where: Path) -> tuple[bool, float, str]:
     do_normalize = norm.get("do_normalize")
     eps = norm.get("eps", 1e-7)
     over = norm.get("over", "all")
-    if (not isinstance(do_normalize, bool) or not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0
-            or over not in NORMALIZE_OVER):
+    eps_ok = (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps)
+              and EPS_RANGE[0] < eps <= EPS_RANGE[1])
+    if not isinstance(do_normalize, bool) or not eps_ok or over not in NORMALIZE_OVER:
         raise ArtifactError(f"{where}: field 'normalisation' = {norm!r} is invalid: expected "
-                            f"{{'do_normalize': bool, 'eps': float >= 0, 'over': one of {list(NORMALIZE_OVER)}}}")
+                            f"{{'do_normalize': bool, 'eps': a number in ({EPS_RANGE[0]:g}, {EPS_RANGE[1]:g}], "
+                            f"'over': one of {list(NORMALIZE_OVER)}}}")
     return do_normalize, eps, over
 
 
@@ -270,6 +291,30 @@ def _model_files(meta: dict, root: Path, where: Path, names: list[str]) -> tuple
         if not tokenizer_path.is_file():
             raise ArtifactError(f"{tokenizer_path}: tokenizer file missing (named by {META_NAME} 'tokenizer_file')")
     return model_path, tokenizer_path
+
+
+def _check_content_digest(meta: dict, where: Path) -> None:
+    """The metadata's own content against the digest export wrote into it (dmf.contract.seal).
+    Checked after the fields, so a malformed value is named; an edited well-formed one lands here."""
+    digest = meta.get(CONTENT_DIGEST)
+    if not isinstance(digest, str):
+        raise ArtifactError(f"{where}: missing field '{CONTENT_DIGEST}' (written by `dmf export` since dmf 0.1; "
+                            "re-export the checkpoint)")
+    if content_digest(meta) != digest.lower():
+        raise ArtifactError(f"{where}: content does not match its '{CONTENT_DIGEST}' (dmf.json was edited after "
+                            "export; re-export the checkpoint)")
+
+
+def check_log_probs(out: np.ndarray, where: Path) -> None:
+    """The warm-up's scores must be log-probabilities: each row's logsumexp ~ 0. A graph that
+    outputs logits, zeros or anything else would otherwise answer plausible-looking labels."""
+    rows = np.asarray(out, dtype=np.float64)
+    peak = rows.max(axis=-1, keepdims=True)
+    lse = (peak + np.log(np.exp(rows - peak).sum(axis=-1, keepdims=True)))[..., 0]
+    worst = float(lse.flat[np.argmax(np.abs(lse))])
+    if not abs(worst) <= LOG_PROB_TOLERANCE:
+        raise ArtifactError(f"{where}: the model's outputs are not log-probabilities (logsumexp {worst:.3g} for a "
+                            f"silent input, expected 0 +- {LOG_PROB_TOLERANCE}): not a graph dmf exported")
 
 
 def _check_digests(meta: dict, root: Path, where: Path, model_path: Path, verify: bool) -> None:

@@ -22,7 +22,7 @@ from dmf.contract import MAX_CLIP_SECONDS as DEFAULT_MAX_SECONDS
 from dmf.contract import MAX_TEXT_CHARS as DEFAULT_MAX_TEXT_CHARS
 from dmf.contract import MIN_CLIP_SECONDS as DEFAULT_MIN_SECONDS
 
-from .artifact import Artifact, ArtifactError, load_artifact
+from .artifact import Artifact, ArtifactError, check_log_probs, load_artifact
 from .engine import Engine, EngineError
 from .engines import create_engine
 
@@ -100,6 +100,7 @@ class Predictor:
                                 f"'labels' says {expected}")
         if not np.isfinite(out).all():
             raise ArtifactError(f"{a.path}: the model returns non-finite scores for a silent input")
+        check_log_probs(out, a.path)  # #22: zeros or logits instead of log-probs would answer uniform or wrong labels
 
     @classmethod
     def load(cls, artifact_dir: str | Path, engine: str = "auto", providers: str | Sequence[str] | None = None,

@@ -166,7 +166,7 @@ def test_warm_up_runs_one_batch_1_inference_and_refuses_a_mismatched_model(rt):
     from dmf.runtime import load_artifact
 
     art = load_artifact(rt.artifact)
-    ok = _FakeEngine(np.zeros((1, len(art.labels)), np.float32))
+    ok = _FakeEngine(np.full((1, len(art.labels)), -np.log(len(art.labels)), np.float32))  # uniform log-probs
     Predictor(art, ok)
     assert ok.calls == [{s.name: ((1, s.shape[1]), np.dtype(s.dtype)) for s in art.inputs}]
     for out, fragment in ((np.zeros((1, 5), np.float32), r"returns shape \(1, 5\)"),
@@ -178,9 +178,11 @@ def test_warm_up_runs_one_batch_1_inference_and_refuses_a_mismatched_model(rt):
 
 
 def _edit_meta(art: Path, edit) -> None:
+    from dmf.contract import seal
+
     meta = json.loads((art / "dmf.json").read_text())
     edit(meta)
-    (art / "dmf.json").write_text(json.dumps(meta))
+    (art / "dmf.json").write_text(json.dumps(seal(meta)))  # resealed: the edit must reach the model checks
 
 
 def test_labels_and_output_shape_edited_together_fail_at_load(rt, tmp_path):

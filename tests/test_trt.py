@@ -430,7 +430,7 @@ def plan_artifact(tmp_path) -> Path:
             "inputs": [i for i in inputs if i["name"] == C.AUDIO_INPUT], "outputs": outputs, "max_batch": 8,
             "files": {"model.plan": C.sha256_file(art / "model.plan")},
             "tensorrt": {"version": "10.99.0", "gpu": "Fake GPU", "compute_capability": "9.0"}}
-    C.write_json(art / C.META_FILE, meta)
+    C.write_json(art / C.META_FILE, C.seal(meta))  # with its content digest, as export writes it
     return art
 
 
