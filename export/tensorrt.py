@@ -1,7 +1,7 @@
 """TensorRT: build a serialized engine (model.plan) from the exported ONNX graph, and run it for
 verification through the runtime's own `TrtEngine` (the code `dmf predict` and `dmf serve` run).
 
-`tensorrt` is imported inside the functions (it needs a CUDA GPU and is an extra: `dmf[trt]`).
+`tensorrt` is imported inside the functions (it needs a CUDA GPU and is an extra: `trt`).
 Precision:
 - fp32: a plain build, TF32 off.
 - fp16 on TensorRT 10: `BuilderFlag.FP16` (weak typing) with normalisation, softmax and float

@@ -4,7 +4,7 @@ It reads dmf's `model.onnx` directly and the OpenVINO IR (`model.xml` + `model.b
 `dmf export --engine openvino` writes (fp32, bf16, or static int8 calibrated with NNCF).
 Inference precision follows the artifact, never lower than it was verified at: fp32 graphs run at
 f32; bf16 and int8 artifacts run their float parts in bf16 where the CPU has native bf16
-(AVX512_BF16 / AMX), else f32. `openvino` is imported inside the engine (extra `dmf[openvino]`).
+(AVX512_BF16 / AMX), else f32. `openvino` is imported inside the engine (the `openvino` extra).
 """
 
 from __future__ import annotations

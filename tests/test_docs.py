@@ -162,6 +162,18 @@ def test_nothing_cites_the_design_note_outside_the_repository():
     assert not hits, f"{marker} cited in: " + ", ".join(hits)
 
 
+def test_install_hints_use_the_distribution_name():
+    """`dmf` on the package index is another project: an extra is installed as dmf-ser[...]
+    (dmf.install_hint), never dmf[...]. bench/results holds recorded output and is left as it was."""
+    wrong = re.compile(r"(?<![\w-])dmf\[[a-z0-9,-]+\]")
+    hits = [f"{rel}:{n}" for rel, text in project_files() if rel.parts[:2] != ("bench", "results")
+            for n, line in enumerate(text.splitlines(), 1) if wrong.search(line)]
+    assert not hits, "install hints naming the wrong distribution: " + ", ".join(hits)
+    from dmf import DISTRIBUTION, install_hint
+
+    assert DISTRIBUTION != "dmf" and f'"{DISTRIBUTION}[serve]"' in install_hint("serve")
+
+
 def test_readme_is_short():
     lines = (REPO / "README.md").read_text(encoding="utf-8").count("\n")
     assert lines < README_MAX_LINES, f"README.md has {lines} lines; the detail belongs in docs/"
