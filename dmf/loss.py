@@ -18,16 +18,9 @@ similar to the others than the average pair. The gates are scored on detached ro
 transformer's gradient stays the paper's) and the kept rows are stored unscaled: the gate selects.
 p then gets 0.07-0.8 of the transformer's gradient and the kept set moves (tests).
 
-It is off by default because every trained selection tried collapsed the memory on the demo corpus
-(tiny preset, fold 1, seed 0; the paper's plain mean: 71.2 UA, slots diverse): this form, 16
-identical slots in both memories (53.8 UA, writer detached; 58.8 attached); the weighted mean as
-the loss itself with gPool's scaled rows stored, 15 of 16 audio slots at norm 0.01 (62.5 attached,
-26.2 detached); the same stored unscaled, 16 identical text slots (61.2). Top-k by one learned
-direction keeps the rows that share it, and identical slots stay identical through the
-permutation-equivariant writer: a selection that learns needs more than this term. The other
-reading, gPool's own (the classification loss trains the gate through the read of the gated rows),
-is `write_through_read` in `dmf.fusion`; it collapsed the audio memory on the same run
-(docs/results.md, 'The writer-gate study').
+It is off by default because every trained selection tried collapsed the memory on the demo
+corpus; the figures, and `write_through_read` (the other reading, gPool's own, in `dmf.fusion`),
+are in docs/results.md, 'The writer-gate study'.
 """
 
 from __future__ import annotations
