@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import io
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import IO, Iterator, Union
@@ -62,7 +63,8 @@ class TextError(ValueError):
 # --------------------------------------------------------------------------------------------- audio
 
 
-def _source_name(source: object) -> str:
+def source_name(source: object) -> str:
+    """How messages name an audio source: its path, "<bytes>", or a file object's name."""
     if isinstance(source, (str, Path)):
         return str(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -70,50 +72,125 @@ def _source_name(source: object) -> str:
     return str(getattr(source, "name", "<stream>"))
 
 
-def _wav_problem(fh: IO[bytes]) -> str | None:
-    """What is wrong with a RIFF/WAVE stream's header, or None. libsndfile silently shortens a
-    truncated file (it trusts the bytes present over the header), so a cut upload would otherwise
-    pass as a shorter clip, and it refuses a 0 Hz or 0-channel header only as "SF_INFO struct
-    incomplete". Non-WAV streams and streaming sizes (0 / 0xFFFFFFFF) are not judged."""
+# Container layouts whose sample data sits in one chunk of declared size: libsndfile silently
+# shortens such a file when it is cut (it trusts the bytes present over the header), so a cut upload
+# would otherwise pass as a shorter clip. magic, form type(s), byte order, the sample-data chunk.
+_CONTAINERS = ((b"RIFF", (b"WAVE",), "<", b"data", "WAV"), (b"FORM", (b"AIFF", b"AIFC"), ">", b"SSND", "AIFF"))
+# WAV format tags whose bits-per-sample field must be a whole number of bytes (PCM, float, extensible)
+_WAV_BYTE_SAMPLES = {1: (8, 16, 24, 32), 3: (32, 64), 0xFFFE: (8, 16, 24, 32, 64)}
+
+
+def header_problem(fh: IO[bytes]) -> str | None:
+    """What is wrong with a WAV or AIFF stream's header, or None: cut short (inside a header
+    chunk, or before the end its sample chunk declares), 0 Hz or 0 channels (libsndfile says only
+    "SF_INFO struct incomplete"), or a bit depth that is not a whole number of bytes (libsndfile
+    decodes 7 bits as garbage). Other formats and streaming sizes (0 / 0xFFFFFFFF) are not judged.
+    The stream's position is restored."""
     start = fh.tell()
     try:
         end = fh.seek(0, os.SEEK_END)
         fh.seek(start)
         head = fh.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        while True:
-            chunk = fh.read(8)
-            if len(chunk) < 8:
-                return "no data chunk (truncated WAV)"
-            cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
-            if cid == b"fmt " and size >= 8:
-                channels, rate = struct.unpack("<HI", fh.read(8)[2:8])
-                if channels == 0 or rate == 0:
-                    return f"WAV header declares {channels} channel(s) at {rate} Hz"
-                size -= 8
-            if cid == b"data":
-                left = end - fh.tell()
-                if size not in (0, 0xFFFFFFFF) and size > left:
-                    return f"truncated WAV: data chunk declares {size} bytes, {left} present"
-                return None
-            fh.seek(size + (size & 1), os.SEEK_CUR)
+        for magic, forms, order, data_id, kind in _CONTAINERS:
+            if len(head) == 12 and head[:4] == magic and head[8:12] in forms:
+                return _chunk_problem(fh, end, order, data_id, kind)
+        return None
     finally:
         fh.seek(start)
 
 
-def _open_binary(source: AudioSource) -> tuple[IO[bytes], bool]:
-    """A seekable binary stream for `source` and whether we own (must close) it."""
+def _chunk_problem(fh: IO[bytes], end: int, order: str, data_id: bytes, kind: str) -> str | None:
+    """Walk the chunks after a container's 12-byte head up to its sample-data chunk."""
+    while True:
+        chunk = fh.read(8)
+        if len(chunk) < 8:
+            return f"truncated {kind}: no {data_id.decode().strip()} chunk"
+        cid, size = chunk[:4], struct.unpack(order + "I", chunk[4:])[0]
+        if cid == data_id:
+            left = end - fh.tell()
+            if size not in (0, 0xFFFFFFFF) and size > left:
+                return f"truncated {kind}: {cid.decode()} chunk declares {size} bytes, {left} present"
+            return None
+        body = fh.read(min(size, 64)) if cid in (b"fmt ", b"COMM") else b""
+        if cid in (b"fmt ", b"COMM"):
+            problem = (_wav_format_problem if kind == "WAV" else _aiff_format_problem)(body, size)
+            if problem:
+                return problem
+        fh.seek(size + (size & 1) - len(body), os.SEEK_CUR)
+
+
+def _wav_format_problem(body: bytes, size: int) -> str | None:
+    if len(body) < min(size, 16) or size < 16:
+        return f"truncated WAV: the fmt chunk has {len(body)} of its {max(size, 16)} bytes"
+    tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
+    if channels == 0 or rate == 0:
+        return f"WAV header declares {channels} channel(s) at {rate} Hz"
+    if tag in _WAV_BYTE_SAMPLES and bits not in _WAV_BYTE_SAMPLES[tag]:
+        allowed = ", ".join(map(str, _WAV_BYTE_SAMPLES[tag]))
+        return f"WAV header declares {bits} bits per sample: expected {allowed}"
+    return None
+
+
+def _aiff_format_problem(body: bytes, size: int) -> str | None:
+    if len(body) < min(size, 18) or size < 18:
+        return f"truncated AIFF: the COMM chunk has {len(body)} of its {max(size, 18)} bytes"
+    channels, _, bits = struct.unpack(">HIH", body[:8])
+    if channels == 0:
+        return "AIFF header declares 0 channels"
+    if not 1 <= bits <= 32:
+        return f"AIFF header declares {bits} bits per sample: expected 1 to 32"
+    return None
+
+
+def _open_path(path: str | Path) -> IO[bytes]:
+    """A regular file opened for reading. Anything else is refused before a byte is read: a FIFO
+    with no writer blocks soundfile's open while it holds libsndfile's process-wide lock (every
+    later decode in the process hangs), and a device such as /dev/zero never ends. The open is
+    non-blocking and the type is checked on the opened descriptor, so a path swapped between a
+    check and the open cannot slip through."""
+    name = str(path)
+    if "\0" in name:
+        raise AudioError(f"{name!r}: the path contains a NUL character")
+    try:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise AudioError(f"{name}: audio file not found") from None
+    except OSError as exc:
+        raise AudioError(f"{name}: cannot open audio file: {exc.strerror or exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, device or socket)"
+        raise AudioError(f"{name}: is {what}, not an audio file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def open_binary(source: AudioSource) -> tuple[IO[bytes], bool]:
+    """A seekable binary stream for `source` and whether we own (must close) it. Raises
+    AudioError for a path that is not a regular file, a closed or text-mode file object, or a
+    source of another type."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return io.BytesIO(bytes(source)), True
     if isinstance(source, (str, Path)):
-        return open(source, "rb"), True
+        return _open_path(source), True
     if hasattr(source, "read"):
-        if not (hasattr(source, "seekable") and source.seekable()):
-            return io.BytesIO(source.read()), True  # soundfile needs to seek; buffer the stream
-        return source, False
+        return _open_stream(source)
     raise AudioError(f"unsupported audio source type {type(source).__name__}: expected a path, bytes, "
                      "a binary file object or a numpy array")
+
+
+def _open_stream(source: IO[bytes]) -> tuple[IO[bytes], bool]:
+    name = source_name(source)
+    try:
+        seekable = bool(source.seekable()) if hasattr(source, "seekable") else False
+        probe = source.read(0) if seekable else source.read()  # soundfile seeks: buffer the rest
+    except ValueError as exc:  # io's "I/O operation on closed file"
+        raise AudioError(f"{name}: cannot read the file object: {exc}") from None
+    if not isinstance(probe, (bytes, bytearray, memoryview)):
+        raise AudioError(f"{name}: the file object's read() returned {type(probe).__name__}, not bytes: "
+                         "open it in binary mode ('rb')")
+    return (source, False) if seekable else (io.BytesIO(bytes(probe)), True)
 
 
 def load_audio(source: AudioSource, sample_rate: int | None = None, *, max_seconds: float | None = None,
@@ -129,25 +206,19 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, max_secon
     the length open (streamed FLAC) is read through in blocks, discarding, to check `max_seconds`."""
     if isinstance(source, np.ndarray):
         return _array_audio(source, sample_rate, max_seconds, keep_seconds, mono)
-    name = _source_name(source)
+    name = source_name(source)
+    fh, owned = open_binary(source)  # AudioError names the source
     try:
-        fh, owned = _open_binary(source)
-    except IsADirectoryError:
-        raise AudioError(f"{name}: is a folder, not an audio file") from None
-    except OSError as exc:
-        raise AudioError(f"{name}: cannot open audio file: {exc.strerror or exc}") from None
-    try:
-        problem = _wav_problem(fh)
+        problem = header_problem(fh)
         if problem:
             raise AudioError(problem)
         with sf.SoundFile(fh) as snd:
             data = _decode(snd, max_seconds, keep_seconds, mono)
             rate = snd.samplerate
-    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        detail = str(exc).split(":")[-1].strip() or type(exc).__name__
-        raise AudioError(f"{name}: not readable audio ({_LIBSNDFILE_WORDS.get(detail, detail)})") from None
     except AudioError as exc:
         raise type(exc)(f"{name}: {exc}") from None
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, struct.error) as exc:
+        raise AudioError(f"{name}: not readable audio ({libsndfile_words(exc)})") from None
     except MemoryError:
         raise AudioError(f"{name}: too large to decode in memory") from None
     finally:
@@ -157,7 +228,18 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, max_secon
 
 
 # libsndfile's wording for a header it cannot use, in the user's terms
-_LIBSNDFILE_WORDS = {"SF_INFO struct incomplete.": "the header declares no usable sample rate or channel count"}
+_LIBSNDFILE_WORDS = {
+    "SF_INFO struct incomplete.": "the header declares no usable sample rate or channel count",
+    # libsndfile's text for bytes no decoder claims (its MPEG probe) speaks of pipes: not the user's case
+    "File does not exist or is not a regular file (possibly a pipe?).": "format not recognised",
+    "Format not recognised.": "format not recognised",
+}
+
+
+def libsndfile_words(exc: BaseException) -> str:
+    """A decoder exception as the user-facing detail after "not readable audio"."""
+    detail = str(exc).split(":")[-1].strip() or type(exc).__name__
+    return _LIBSNDFILE_WORDS.get(detail, detail)
 
 
 def _check_format(rate: int, channels: int, frames: int, max_seconds: float | None) -> None:
@@ -198,19 +280,27 @@ def _decode(snd: sf.SoundFile, max_seconds: float | None, keep_seconds: float | 
 
 
 def _blocks(snd: sf.SoundFile, open_length: bool) -> Iterator[np.ndarray]:
-    """Decoded blocks, (<= DECODE_BLOCK_FRAMES, channels) float32. A stream whose header leaves the
-    length open ends at its first read error: libsndfile fails a seek at the end of such streams
-    (streamed FLAC), after the last whole block."""
+    """Decoded blocks, (<= DECODE_BLOCK_FRAMES, channels) float32, to the end of the stream."""
     while True:
-        try:
+        if open_length:
+            block = _read_open_length(snd, DECODE_BLOCK_FRAMES)
+        else:
             block = snd.read(DECODE_BLOCK_FRAMES, dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError):
-            if not open_length:
-                raise
-            return
         if not len(block):
             return
         yield block
+
+
+def _read_open_length(snd: sf.SoundFile, frames: int) -> np.ndarray:
+    """Up to `frames` frames from a stream whose header leaves the length open. soundfile's read
+    seeks to the new position after each read, which libsndfile refuses at the end of such a
+    stream (streamed FLAC) after the last, partial block was decoded: that block would be lost
+    (1.5 s read as 1.024 s). So libsndfile's read is called directly, and only its own error counts."""
+    out = np.empty((frames, snd.channels), dtype=np.float32)
+    read = sf._snd.sf_readf_float(snd._file, sf._ffi.cast("float *", out.ctypes.data), frames)
+    if sf._snd.sf_error(snd._file):
+        raise sf.LibsndfileError(sf._snd.sf_error(snd._file), "decoding failed: ")
+    return out[:read]
 
 
 def _array_audio(data: np.ndarray, sample_rate: int | None, max_seconds: float | None,
@@ -219,18 +309,23 @@ def _array_audio(data: np.ndarray, sample_rate: int | None, max_seconds: float |
     if sample_rate is None:
         raise AudioError("sample_rate is required when audio is given as a numpy array")
     rate = int(sample_rate)
+    if data.ndim not in (1, 2):
+        raise AudioError(f"audio array has shape {data.shape}: expected (frames,) or (frames, channels)")
     if data.ndim == 2 and data.shape[1] > MAX_CHANNELS >= data.shape[0]:
         raise AudioError(f"audio array has shape {data.shape}: channel-first? expected (frames, channels), "
                          "e.g. pass data.T")
-    if data.ndim in (1, 2):
-        _check_format(rate, data.shape[1] if data.ndim == 2 else 1, data.shape[0], max_seconds)
+    _check_format(rate, data.shape[1] if data.ndim == 2 else 1, data.shape[0], max_seconds)
     if keep_seconds is not None:
         data = data[:int(np.ceil(keep_seconds * rate))]
     return (_to_mono(data) if mono else _as_float32(data)), rate
 
 
 def _as_float32(data: np.ndarray) -> np.ndarray:
-    """Integer PCM is scaled to [-1, 1) as soundfile would; floats are cast."""
+    """Integer PCM is scaled to [-1, 1) as soundfile would; floats are cast. Unsigned PCM (8-bit
+    WAV's layout) is offset-binary: its midpoint is silence."""
+    if np.issubdtype(data.dtype, np.unsignedinteger):
+        mid = float(np.iinfo(data.dtype).max // 2 + 1)
+        return ((data.astype(np.float64) - mid) / mid).astype(np.float32)
     if np.issubdtype(data.dtype, np.integer):
         return (data.astype(np.float64) / -float(np.iinfo(data.dtype).min)).astype(np.float32)
     if not np.issubdtype(data.dtype, np.floating):
@@ -322,11 +417,25 @@ def preprocess_audio(source: AudioSource, sample_rate: int | None = None, **prep
     except AudioError as exc:
         if isinstance(source, np.ndarray):
             raise
-        raise type(exc)(f"{_source_name(source)}: {exc}") from None
+        raise type(exc)(f"{source_name(source)}: {exc}") from None
 
 
 # prepare_audio's defaults also set how much preprocess_audio decodes
 _PREPARE_DEFAULTS = {k: p.default for k, p in inspect.signature(prepare_audio).parameters.items()}
+
+
+def check_seconds(name: str, value: object, *, allow_zero: bool = False, allow_none: bool = False) -> float | None:
+    """A duration option as a float, or ValueError naming the option and value: a finite number
+    of seconds, > 0 (>= 0 with allow_zero); None only with allow_none (no limit). NaN is refused
+    because every comparison with it is false, which would switch a limit off silently."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} = {value!r} is invalid: expected a finite number of seconds {bound}"
+                         + (" (or None: no limit)" if allow_none else ""))
+    return float(value)
 
 
 # ---------------------------------------------------------------------------------------------- text

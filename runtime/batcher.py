@@ -19,6 +19,7 @@ use two cores where sequential calls cannot. On a GPU, one worker is the usual c
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import queue
 import threading
@@ -30,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .predictor import INPUT_ERRORS, Predictor, ResultError
+from .predictor import INPUT_ERRORS, InputError, Predictor, ResultError
 
 log = logging.getLogger("dmf.runtime")
 
@@ -44,6 +45,22 @@ class Overloaded(RuntimeError):
 
 
 _STOP = object()
+MAX_WAIT_MS = 60_000  # a batch that waits a minute for company is a misconfiguration, not a latency budget
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def _shown(args: tuple) -> str:
+    """submit's arguments as a short call form for a message: types, not (large) values."""
+    return "(" + ", ".join(type(a).__name__ for a in args) + ")"
+
+
+def _call_form(signature: inspect.Signature) -> str:
+    positional = [p for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return "(" + ", ".join(p.name if p.default is p.empty else f"[{p.name}]" for p in positional) + ")"
 
 
 def _detached(error: BaseException) -> BaseException:
@@ -115,12 +132,14 @@ class MicroBatcher:
     def __init__(self, target: Predictor | Callable[[list], Sequence[Any]], max_batch: int = 8,
                  max_wait_ms: float = 5.0, *, workers: int = 1, preprocess_fn: Callable[..., Any] | None = None,
                  max_queue: int = 1024, latency_window: int = 10000, name: str = "dmf-batcher") -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch = {max_batch} is invalid: expected an integer >= 1")
-        if workers < 1:
-            raise ValueError(f"workers = {workers} is invalid: expected an integer >= 1")
-        if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms = {max_wait_ms} is invalid: expected >= 0")
+        for option, value in (("max_batch", max_batch), ("workers", workers), ("max_queue", max_queue)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{option} = {value!r} is invalid: expected an integer >= 1")
+        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) \
+                or not 0 <= max_wait_ms <= MAX_WAIT_MS:
+            # inf (or 1e300) overflows the worker's queue timeout: it dies and no future resolves;
+            # NaN fails every comparison, so "not 0 <= x" refuses it too
+            raise ValueError(f"max_wait_ms = {max_wait_ms!r} is invalid: expected a number of ms from 0 to {MAX_WAIT_MS}")
         if isinstance(target, Predictor):
             predictor = target
             self._preprocess = preprocess_fn or predictor.preprocess
@@ -128,7 +147,7 @@ class MicroBatcher:
             self._input_errors: tuple[type[BaseException], ...] = INPUT_ERRORS
             max_batch = min(max_batch, predictor.max_batch)
         elif callable(target):
-            self._preprocess = preprocess_fn or (lambda x: x)
+            self._preprocess = preprocess_fn or _identity
             self._infer = target
             self._input_errors = (Exception,)
         else:
@@ -149,7 +168,10 @@ class MicroBatcher:
 
     # ------------------------------------------------------------------------------ callers
     def submit(self, *args: Any) -> Future:
-        """Queue one request; returns a Future of its result (or of its own error)."""
+        """Queue one request; returns a Future of its result (or of its own error). Arguments that
+        do not fit the preprocessing function (for a Predictor: audio, text[, sample_rate]) raise
+        InputError here, before anything is queued."""
+        self._check_arguments(args)
         future: Future = Future()
         with self._lock:
             if self._closed:
@@ -160,6 +182,16 @@ class MicroBatcher:
                 self.stats.submitted += 1
             self._queue.put(_Request(args, future))
         return future
+
+    def _check_arguments(self, args: tuple) -> None:
+        try:
+            signature = inspect.signature(self._preprocess)
+        except (TypeError, ValueError):  # a builtin without a signature: its call will tell
+            return
+        try:
+            signature.bind(*args)
+        except TypeError as exc:
+            raise InputError(f"submit{_shown(args)}: {exc}; expected {_call_form(signature)}") from None
 
     def predict(self, *args: Any, timeout: float | None = None) -> Any:
         """Blocking convenience: submit and wait."""

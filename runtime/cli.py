@@ -11,13 +11,19 @@ decoding (a corrupt or NaN-filled clip, a clip under the minimum length) or in t
 finite) do not stop the run: that row is written with an empty label and its message in the
 `error` column (JSONL: `"label": null, "error": "..."`), the rows are listed at the end, and the
 exit status is 2. Rows are written as they finish to `<out>.partial`, renamed to `out` at the
-end; an interrupted run (Ctrl-C: exit 130) keeps the partial file and says so.
+end; an interrupted run (Ctrl-C: exit 130; SIGTERM, as a service manager or `kill` sends: exit
+143) keeps the partial file and says so.
+
+Text from the input (speaker names, labels) is printed with control characters escaped, so a
+transcript cannot drive the terminal (colour, cursor, title) through `dmf predict`'s output.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -26,11 +32,52 @@ import typer
 from dmf import install_hint
 from dmf.cliutil import console, fail
 from dmf.contract import MAX_CLIP_SECONDS
+from dmf.preprocess import check_seconds
 
 from .conversation import MAX_RECORDING_SECONDS
 from .server import ServeOptions
 
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
+EXIT_TERMINATED = 143  # the shell's code for SIGTERM (128 + 15)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while a manifest was being predicted. A BaseException, as KeyboardInterrupt is,
+    so no `except Exception` on the way (an engine wrapper) turns it into an ordinary error."""
+
+
+@contextmanager
+def _sigterm_raises():
+    """Within the block, SIGTERM raises Terminated in the main thread (as SIGINT raises
+    KeyboardInterrupt), so a killed run reports what it wrote instead of vanishing silently."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding caller): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def printable(text: str) -> str:
+    """`text` with control and format characters (ESC, bidi overrides, ...) written as escapes,
+    for the terminal: what a transcript holds is shown, never obeyed."""
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(text))
+
+
+def _checked_limits(max_seconds: float, max_recording_seconds: float) -> None:
+    """The length limits before anything loads: NaN would switch a limit off, a negative one would
+    refuse everything."""
+    try:
+        check_seconds("--max-seconds", max_seconds)
+        check_seconds("--max-recording-seconds", max_recording_seconds)
+    except ValueError as exc:
+        fail(exc)
 
 
 def _load_predictor(artifact: Path, engine: str, providers: Optional[str], threads: Optional[int],
@@ -73,9 +120,9 @@ def _predict_one(predictor, audio: Path, text: str, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps({**pred.to_dict(), **predictor.running()}, allow_nan=False))  # finite: ResultError otherwise
         return
-    typer.echo(pred.label)
+    typer.echo(printable(pred.label))
     for lab, p in sorted(pred.probabilities.items(), key=lambda kv: -kv[1]):
-        typer.echo(f"  {lab:<8} {p:.4f}")
+        typer.echo(f"  {printable(lab):<8} {p:.4f}")
 
 
 def _manifest_plan(manifest: Path, out: Path):
@@ -83,10 +130,10 @@ def _manifest_plan(manifest: Path, out: Path):
     from dmf.data import DataError, ManifestError
     from dmf.data.manifest import load_prediction_rows
 
-    from .bulk import OutputError, check_output
+    from .outputs import OutputError, check_output
 
     try:
-        kind = check_output(manifest, out)
+        kind = check_output(out, protect=manifest, what="manifest")
         return load_prediction_rows(manifest), kind
     except ManifestError as exc:
         fail(f"{manifest}: {len(exc.problems)} bad row(s); nothing was predicted", exc.problems)
@@ -97,8 +144,9 @@ def _manifest_plan(manifest: Path, out: Path):
 def _predict_manifest(predictor, rows, out: Path, kind: str, batch_size: int, progress: bool) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .bulk import RowWriter, predict_rows
+    from .bulk import predict_rows
     from .engine import EngineError
+    from .outputs import RowWriter
 
     try:
         writer = RowWriter(out, kind, predictor.labels)
@@ -106,13 +154,14 @@ def _predict_manifest(predictor, rows, out: Path, kind: str, batch_size: int, pr
         fail(f"{out}: cannot write: {exc.strerror or exc}")
     columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
-        with Progress(*columns, console=console(), disable=not progress) as bar:
+        with _sigterm_raises(), Progress(*columns, console=console(), disable=not progress) as bar:
             task = bar.add_task("predict", total=len(rows))
             row_errors = predict_rows(predictor, rows, writer, batch_size, lambda n: bar.advance(task, n))
-        writer.commit()
-    except KeyboardInterrupt:
-        console().print(f"interrupted: {writer.written} of {len(rows)} rows written to {writer.abort()}")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+            writer.commit()
+    except (KeyboardInterrupt, Terminated) as exc:
+        how, code = ("terminated", EXIT_TERMINATED) if isinstance(exc, Terminated) else ("interrupted", EXIT_INTERRUPTED)
+        console().print(f"{how}: {writer.written} of {len(rows)} rows written to {writer.abort()}")
+        raise typer.Exit(code) from None
     except (EngineError, OSError) as exc:
         fail(f"{exc} ({writer.written} of {len(rows)} rows written to {writer.abort()})")
     if row_errors:
@@ -125,7 +174,8 @@ def _predict_manifest(predictor, rows, out: Path, kind: str, batch_size: int, pr
 def _conversation_plan(audio, text, manifest, out, plot, policy: str, transcript: Path):
     """Everything checked before the model loads (nothing is run or written on error): the
     options, --out's and --plot's types, matplotlib for --plot, and the transcript itself."""
-    from .conversation import POLICIES, TranscriptError, output_kind, read_transcript, require_matplotlib
+    from .conversation import POLICIES, TranscriptError, read_transcript, require_matplotlib
+    from .outputs import check_output, check_writable
 
     if text is not None or manifest is not None:
         fail("--transcript goes with --audio RECORDING only, not with --text or --manifest")
@@ -137,8 +187,9 @@ def _conversation_plan(audio, text, manifest, out, plot, policy: str, transcript
         fail(f"--plot {plot}: expected a .png file")
     try:
         if out is not None:
-            output_kind(out)
+            check_output(out, protect=audio, what="recording")  # its folder too: a missing one would throw the results away
         if plot is not None:
+            check_writable(plot)
             require_matplotlib()
         return read_transcript(transcript)
     except (TranscriptError, ValueError, ImportError) as exc:
@@ -150,8 +201,9 @@ def _predict_conversation(predictor, audio: Path, transcript: Path, segments, ou
     """limits: (longest recording in s, segments per batch): the batch, not the recording, sets memory."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .conversation import TranscriptError, plot_timeline, write_turns
+    from .conversation import TranscriptError, plot_timeline
     from .engine import EngineError
+    from .outputs import write_turns
     from .predictor import INPUT_ERRORS
 
     columns = (TextColumn("segments"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -178,15 +230,16 @@ def _print_conversation(result, out, plot) -> None:
 
     con = console()
     for warning in result.warnings:
-        con.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+        con.print(f"[yellow]warning:[/yellow] {escape(printable(warning))}")
     if out is None:
         for t in result.turns:
             p, s = t.prediction, t.segment
-            typer.echo(f"{s.start:9.3f} {s.end:9.3f}  {s.speaker or '?':<12} {p.label:<8} "
+            typer.echo(f"{s.start:9.3f} {s.end:9.3f}  {printable(s.speaker or '?'):<12} {printable(p.label):<8} "
                        f"{p.probabilities[p.label]:.3f}{'  (truncated)' if t.truncated else ''}")
     for speaker, shares in result.summary.items():
-        parts = ", ".join(f"{lab} {share:.0%}" for lab, share in sorted(shares.items(), key=lambda kv: -kv[1]) if share)
-        con.print(f"{escape(speaker)}: {parts}")
+        parts = ", ".join(f"{printable(lab)} {share:.0%}" for lab, share in sorted(shares.items(), key=lambda kv: -kv[1])
+                          if share)
+        con.print(f"{escape(printable(speaker))}: {escape(parts)}")
     truncated = sum(t.truncated for t in result.turns)
     if truncated:
         con.print(f"{truncated} segment(s) longer than the model's window (policy {result.policy})")
@@ -200,7 +253,7 @@ def predict(
     audio: Optional[Path] = typer.Option(None, "--audio", help="One audio file (WAV, FLAC, ...)."),
     text: Optional[str] = typer.Option(None, "--text", help="Its transcript."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV/TSV/JSONL with audio, text[, id]."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Manifest or --transcript output: .csv or .jsonl."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Manifest or --transcript output: .csv, .jsonl or .ndjson."),
     as_json: bool = typer.Option(False, "--json", help="Print the single prediction as JSON."),
     engine: str = typer.Option("auto", "--engine", help="auto (the fastest the artifact, installed packages and CPU allow), onnx, openvino or trt."),
     providers: Optional[str] = typer.Option(None, "--providers", help="ORT providers, e.g. cuda,cpu."),
@@ -215,6 +268,7 @@ def predict(
 ) -> None:
     """Predict the emotion of one clip + transcript, of every row of a manifest, or of every
     segment of a recording's time-stamped transcript (--audio RECORDING --transcript FILE)."""
+    _checked_limits(max_seconds, max_recording_seconds)
     if transcript is not None:
         if batch_size < 1:
             fail(f"--batch-size {batch_size} is invalid: expected an integer >= 1")

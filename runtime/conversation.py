@@ -24,7 +24,10 @@ policy "windows" scores every window of the segment and averages the log-probabi
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
+import stat
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +36,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 import soundfile as sf
 
-from dmf.preprocess import RESAMPLE_MARGIN_S, AudioError
-# the same stream opening and WAV header check as single clips get (one definition, in dmf.preprocess)
-from dmf.preprocess import _open_binary, _source_name, _wav_problem
+from dmf.fileio import atomic_write
+# the same stream opening and header checks as single clips get (one definition, in dmf.preprocess)
+from dmf.preprocess import (RESAMPLE_MARGIN_S, AudioError, check_seconds, header_problem, libsndfile_words,
+                            open_binary, source_name)
 
 if TYPE_CHECKING:
     from .predictor import Prediction, Predictor
@@ -44,6 +48,8 @@ MAX_RECORDING_SECONDS = 4 * 3600.0  # longest accepted recording (a long meeting
 TRANSCRIPT_FORMATS = {".vtt": "vtt", ".srt": "srt", ".json": "json"}  # suffix -> reader
 POLICIES = ("first", "windows")
 _VOICE_TAG = re.compile(r"<v(?:\.[^\s>]*)?\s+([^>]+)>")  # WebVTT voice span: <v Alice> or <v.loud Bob>
+# a cue timing with a minus sign before either time: pysubs2 drops the sign (-1 s would read as 1 s)
+_NEGATIVE_TIME = re.compile(r"(?:^|-->)\s*-\s*\d")
 _NAME_PREFIX = re.compile(r"^\s*([^\s:][^:\n]{0,39}?):\s+(\S.*)$", re.S)  # "Alice: text" (name <= 40 chars)
 
 
@@ -102,8 +108,10 @@ def read_transcript(source: str | Path | bytes, name: str | None = None) -> list
         raise TranscriptError(f"{name}: unknown transcript format {Path(name).suffix or '(no suffix)'!r}: "
                               f"expected {', '.join(TRANSCRIPT_FORMATS)}")
     try:
-        raw = source if isinstance(source, bytes) else Path(source).read_bytes()
+        raw = source if isinstance(source, bytes) else _read_regular_file(Path(source))
         text = raw.decode("utf-8-sig")
+    except ValueError as exc:  # a NUL in the path
+        raise TranscriptError(f"{name!r}: cannot read transcript: {exc}") from None
     except OSError as exc:
         raise TranscriptError(f"{name}: cannot read transcript: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
@@ -114,9 +122,23 @@ def read_transcript(source: str | Path | bytes, name: str | None = None) -> list
     return segments
 
 
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file; a FIFO (its open would block with no writer) or a device
+    (/dev/zero never ends) is refused from its opened, non-blocking descriptor."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, device or socket)"
+            raise TranscriptError(f"{path}: is {what}, not a transcript file")
+        os.set_blocking(fd, True)
+        return fh.read()
+
+
 def _parse_subtitles(text: str, kind: str, name: str) -> list[Segment]:
     import pysubs2
 
+    _check_cue_times(text, name)
     # pysubs2 drops tags, voice spans included: turn them into the "Name: " prefix first
     text = _VOICE_TAG.sub(lambda m: f"{m.group(1).strip()}: ", text).replace("</v>", "")
     try:
@@ -134,16 +156,46 @@ def _parse_subtitles(text: str, kind: str, name: str) -> list[Segment]:
     return segments
 
 
+def _check_cue_times(text: str, name: str) -> None:
+    for n, line in enumerate(text.splitlines(), start=1):
+        if "-->" in line and _NEGATIVE_TIME.search(line):
+            raise TranscriptError(f"{name}: line {n}: negative cue time in {line.strip()[:80]!r}: "
+                                  "times count from the start of the recording")
+
+
 def _parse_json(text: str, name: str) -> list[Segment]:
     try:
         items = json.loads(text)
     except json.JSONDecodeError as exc:
         raise TranscriptError(f"{name}: unparseable JSON (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise TranscriptError(f"{name}: unparseable JSON (nested too deeply)") from None
+    except ValueError as exc:  # an integer over Python's 4300-digit limit for str -> int
+        raise TranscriptError(f"{name}: unparseable JSON ({_first_clause(exc)})") from None
     if isinstance(items, dict) and isinstance(items.get("segments"), list):
         items = items["segments"]  # the shape many speech recognisers write
     if not isinstance(items, list):
         raise TranscriptError(f"{name}: expected a JSON list of segments, got {type(items).__name__}")
     return [_json_segment(item, f"{name}: segment {i}") for i, item in enumerate(items)]
+
+
+def _is_seconds(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        return False
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _first_clause(exc: BaseException) -> str:
+    """A message without Python's advice (int's digit-limit error names sys.set_int_max_str_digits)."""
+    return str(exc).split(";")[0].strip()
 
 
 def _json_segment(item: Any, where: str) -> Segment:
@@ -153,22 +205,41 @@ def _json_segment(item: Any, where: str) -> Segment:
     if missing:
         raise TranscriptError(f"{where}: missing field(s) {', '.join(missing)}")
     for key in ("start", "end"):
-        value = item[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-            raise TranscriptError(f"{where}: {key} {value!r} is not a number of seconds")
+        if not _is_seconds(item[key]):
+            raise TranscriptError(f"{where}: {key} {_short(item[key])} is not a finite number of seconds")
     speaker = item.get("speaker")
-    if not isinstance(item["text"], str) or not (speaker is None or isinstance(speaker, str)):
-        raise TranscriptError(f"{where}: text and speaker must be strings")
+    if not isinstance(item["text"], str):
+        raise TranscriptError(f"{where}: text must be a string, got {type(item['text']).__name__}")
+    if not (speaker is None or isinstance(speaker, str)):
+        raise TranscriptError(f"{where}: speaker must be a string or null, got {type(speaker).__name__}")
     return Segment(float(item["start"]), float(item["end"]), item["text"].strip(), speaker or None)
 
 
 # ------------------------------------------------------------------------------------ validation
+
+def as_segments(segments: Any, name: str = "transcript") -> list[Segment]:
+    """The segments a caller gave: a list of `Segment`s or of JSON-style dicts (start, end, text,
+    speaker), each checked as a JSON transcript's are. Raises TranscriptError naming the segment."""
+    if isinstance(segments, (str, bytes, dict)) or not isinstance(segments, Sequence):
+        raise TranscriptError(f"{name}: expected a list of segments, got {type(segments).__name__}")
+    out = []
+    for i, seg in enumerate(segments):
+        where = f"{name}: segment {i}"
+        if isinstance(seg, Segment):
+            seg = {"start": seg.start, "end": seg.end, "text": seg.text, "speaker": seg.speaker}
+        elif not isinstance(seg, dict):
+            raise TranscriptError(f"{where}: expected a Segment or a dict with start, end, text, "
+                                  f"got {type(seg).__name__}")
+        out.append(_json_segment(seg, where))
+    return out
+
 
 def check_segments(segments: Sequence[Segment], duration: float, name: str = "transcript",
                    max_seconds: float | None = MAX_RECORDING_SECONDS) -> list[str]:
     """Refuse (TranscriptError, naming the segment by index and time) a recording over
     `max_seconds`, a segment ending before it starts, reaching past the audio, or with empty text.
     Returns warnings: segments of one speaker that overlap (allowed: crosstalk, recogniser slop)."""
+    max_seconds = check_seconds("max_seconds", max_seconds, allow_none=True)
     if max_seconds is not None and duration > max_seconds:
         raise TranscriptError(f"the recording is {duration:.1f} s long, longer than the {max_seconds:g} s maximum")
     if not segments:
@@ -209,13 +280,17 @@ def predict_conversation(predictor: "Predictor", audio: Any, segments: Sequence[
     with the segment) for bad audio, text or scores."""
     if policy not in POLICIES:
         raise ValueError(f"policy {policy!r} is invalid: expected one of {POLICIES}")
-    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
         raise ValueError(f"batch_size {batch_size!r} is invalid: expected an integer >= 1")
+    check_seconds("max_seconds", max_seconds, allow_none=True)
+    segments = as_segments(segments, name)
+    batch = min(batch_size or predictor.max_batch, predictor.max_batch)
     with _Recording(audio) as rec:
         warnings = check_segments(segments, rec.duration, name, max_seconds)
         turns = []
-        for chunk in _chunks(range(len(segments)), min(batch_size or predictor.max_batch, predictor.max_batch)):
-            turns += _predict_chunk(predictor, rec, segments, chunk, policy)
+        for chunk in _chunks(range(len(segments)), batch):
+            turns += _predict_chunk(predictor, rec, segments, chunk, policy, batch)
             if progress:
                 progress(len(chunk))
     return Conversation(turns, speaker_summary(turns), warnings, policy)
@@ -227,29 +302,48 @@ def _chunks(indices: range, size: int) -> Iterator[range]:
 
 
 def _predict_chunk(predictor: "Predictor", rec: "_Recording", segments: Sequence[Segment],
-                   chunk: range, policy: str) -> list[Turn]:
-    """Prepare every window of the chunk's segments, run them in one `infer`, average per segment."""
+                   chunk: range, policy: str, batch: int) -> list[Turn]:
+    """Score the chunk's segments, `batch` windows per `infer`, and average each segment's
+    log-probabilities over its windows. Windows are prepared as they are scored, so memory follows
+    the batch, never a segment's length (policy "windows" over an hour is 720 windows)."""
     a = predictor.artifact
     window = a.input_samples / a.sample_rate  # s the model reads
-    items, owner = [], []  # prepared windows and the segment each belongs to
+    sums = {i: np.zeros(len(predictor.labels)) for i in chunk}  # float64 running sums of log-probs
+    counts: Counter[int] = Counter()
+    pending: list[dict] = []
+    owner: list[int] = []  # the segment each pending window belongs to
+
+    def run_pending() -> None:
+        for i, row in zip(owner, predictor.infer(pending)):
+            sums[i] += row
+            counts[i] += 1
+        pending.clear()
+        owner.clear()
+
     for i in chunk:
         s = segments[i]
         for samples in rec.windows(s, window, policy, predictor.min_seconds):
-            try:
-                items.append(predictor.preprocess(samples, s.text, rec.rate, max_seconds=None))
-            except (AudioError, ValueError) as exc:  # AudioError, TextError, InputError
-                raise type(exc)(f"segment {i} ({s.start:.3f}-{s.end:.3f} s): {exc}") from None
+            pending.append(_prepare(predictor, samples, s, i, rec.rate))
             owner.append(i)
-    rows, owner = predictor.infer(items), np.asarray(owner)
-    turns = []
-    for i in chunk:
-        s, mine = segments[i], rows[owner == i]  # (windows, C) log-probs
-        try:
-            prediction = predictor.postprocess(mine.mean(axis=0))
-        except ValueError as exc:  # ResultError: scores not finite
-            raise type(exc)(f"segment {i} ({s.start:.3f}-{s.end:.3f} s): {exc}") from None
-        turns.append(Turn(s, prediction, truncated=s.end - s.start > window, windows=len(mine)))
-    return turns
+            if len(pending) >= batch:
+                run_pending()
+    run_pending()
+    return [_turn(predictor, segments[i], i, sums[i] / counts[i], counts[i], window) for i in chunk]
+
+
+def _prepare(predictor: "Predictor", samples: np.ndarray, s: Segment, i: int, rate: int) -> dict:
+    try:
+        return predictor.preprocess(samples, s.text, rate, max_seconds=None)
+    except (AudioError, ValueError) as exc:  # AudioError, TextError, InputError
+        raise type(exc)(f"segment {i} ({s.start:.3f}-{s.end:.3f} s): {exc}") from None
+
+
+def _turn(predictor: "Predictor", s: Segment, i: int, mean: np.ndarray, windows: int, window: float) -> Turn:
+    try:
+        prediction = predictor.postprocess(mean)
+    except ValueError as exc:  # ResultError: scores not finite
+        raise type(exc)(f"segment {i} ({s.start:.3f}-{s.end:.3f} s): {exc}") from None
+    return Turn(s, prediction, truncated=s.end - s.start > window, windows=windows)
 
 
 def speaker_summary(turns: Sequence[Turn]) -> dict[str, dict[str, float]]:
@@ -265,22 +359,19 @@ class _Recording:
     """An open recording read segment by segment: only the frames asked for are decoded."""
 
     def __init__(self, source: Any) -> None:
-        self.name = _source_name(source)
+        self.name = source_name(source)
+        self._fh, self._owned = open_binary(source)  # AudioError names the source
         try:
-            self._fh, self._owned = _open_binary(source)
-        except OSError as exc:
-            raise AudioError(f"{self.name}: cannot open audio file: {exc.strerror or exc}") from None
-        try:
-            problem = _wav_problem(self._fh)
+            problem = header_problem(self._fh)
             if problem:
                 raise AudioError(f"{self.name}: {problem}")
             self._snd = sf.SoundFile(self._fh)
-        except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-            self.close()
-            raise AudioError(f"{self.name}: not readable audio ({str(exc).split(':')[-1].strip()})") from None
         except AudioError:
             self.close()
             raise
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+            self.close()
+            raise AudioError(f"{self.name}: not readable audio ({libsndfile_words(exc)})") from None
         self.rate, self.frames = self._snd.samplerate, self._snd.frames
         if not self._snd.seekable():
             self.close()
@@ -327,57 +418,7 @@ class _Recording:
         self.close()
 
 
-# --------------------------------------------------------------------------------------- outputs
-
-OUTPUT_KINDS = {".jsonl": "jsonl", ".csv": "csv"}  # --out suffix -> writer
-
-
-def output_kind(path: str | Path) -> str:
-    """The writer for an --out path, checked before anything runs (nothing is written on error)."""
-    kind = OUTPUT_KINDS.get(Path(path).suffix.lower())
-    if kind is None:
-        raise ValueError(f"{path}: unknown output type {Path(path).suffix or '(no suffix)'!r}: expected .jsonl or .csv")
-    if Path(path).is_dir():
-        raise ValueError(f"{path}: is a folder, expected a file")
-    return kind
-
-
-def write_turns(conversation: Conversation, path: str | Path) -> None:
-    """One line (JSONL) or row (CSV, a p_<label> column per label) per turn, written atomically."""
-    import csv
-    import io
-
-    from .bulk import safe_cell
-
-    kind, buf = output_kind(path), io.StringIO()
-    rows = [t.to_dict() for t in conversation.turns]
-    if kind == "jsonl":
-        buf.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
-    else:
-        labels = list(rows[0]["probabilities"]) if rows else []
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["start", "end", "speaker", "text", "label", "truncated", "windows"]
-                        + [f"p_{x}" for x in labels])
-        for r in rows:  # speaker and text as text in a spreadsheet, never a formula (as manifest CSVs)
-            writer.writerow([r["start"], r["end"], safe_cell(r["speaker"] or ""), safe_cell(r["text"]), r["label"],
-                             r["truncated"], r["windows"]] + [f"{r['probabilities'][x]:.6f}" for x in labels])
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8"))
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """write(tmp) to a hidden sibling of `path`, then rename it over `path` (same filesystem)."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
+# ------------------------------------------------------------------------------------------ plot
 
 def _has_matplotlib() -> bool:
     import importlib.util
@@ -424,6 +465,6 @@ def plot_timeline(conversation: Conversation, path: str | Path) -> None:
               bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
     try:
-        _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     finally:
         plt.close(fig)

@@ -15,7 +15,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import soundfile as sf
 
-from dmf.preprocess import AudioError, TextEncoder, TextError, preprocess_audio, validate_text
+from dmf.preprocess import (AudioError, TextEncoder, TextError, check_seconds, open_binary, preprocess_audio,
+                            validate_text)
 
 from dmf.contract import AUDIO_INPUT, IDS_INPUT, MASK_INPUT
 from dmf.contract import MAX_CLIP_SECONDS as DEFAULT_MAX_SECONDS
@@ -65,9 +66,8 @@ class Predictor:
         self.artifact = artifact
         self.engine = engine
         self.labels: tuple[str, ...] = artifact.labels
-        self.min_seconds = min_seconds
-        self.max_seconds = max_seconds
-        self.max_text_chars = max_text_chars
+        self.min_seconds, self.max_seconds, self.max_text_chars = _check_limits(min_seconds, max_seconds,
+                                                                                max_text_chars)
         limits = [artifact.max_batch] + ([engine.max_batch] if engine.max_batch else [])
         self.max_batch = min(limits)
         self.text_encoder = None
@@ -114,7 +114,10 @@ class Predictor:
         (onnxruntime), "openvino" (OpenVINO CPU) or "trt" (native TensorRT plan).
         providers: onnxruntime execution providers ("cpu", "cuda", "tensorrt" or full names);
         None picks CUDA when available, then CPU. threads: onnxruntime intra-op threads.
-        min_seconds / max_seconds: the accepted clip length (before cropping to the model's input)."""
+        min_seconds / max_seconds: the accepted clip length (before cropping to the model's input;
+        finite seconds, max_seconds None: no limit); max_text_chars: longer text is cut.
+        A bad limit raises ValueError before anything is loaded."""
+        _check_limits(min_seconds, max_seconds, max_text_chars)
         artifact = load_artifact(artifact_dir, verify=verify)
         return cls(artifact, create_engine(artifact, engine, providers, threads),
                    min_seconds=min_seconds, max_seconds=max_seconds, max_text_chars=max_text_chars)
@@ -214,6 +217,8 @@ class Predictor:
         """items: (audio, text), (audio, text, sample_rate) or {"audio", "text", "sample_rate"?}.
         A bad item raises its AudioError / TextError / InputError prefixed with `items[i]`;
         nothing is run then."""
+        if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
+            raise InputError(f"items: expected a list of (audio, text) items, got {type(items).__name__}")
         arrays, truncated = [], []
         for i, item in enumerate(items):
             audio, text, rate = unpack_item(item, where=f"items[{i}]")
@@ -244,6 +249,18 @@ class Predictor:
                 f"providers={self.engine.providers}, labels={list(self.labels)})")
 
 
+def _check_limits(min_seconds: Any, max_seconds: Any, max_text_chars: Any) -> tuple[float, float | None, int]:
+    """The predictor's input limits, or ValueError naming the bad one: a limit that cannot hold
+    (negative, zero, NaN) would refuse every input, or accept any."""
+    low = check_seconds("min_seconds", min_seconds, allow_zero=True)
+    high = check_seconds("max_seconds", max_seconds, allow_none=True)
+    if high is not None and high < low:
+        raise ValueError(f"max_seconds = {max_seconds!r} is below min_seconds = {min_seconds!r}: no clip could pass")
+    if isinstance(max_text_chars, bool) or not isinstance(max_text_chars, (int, np.integer)) or max_text_chars < 1:
+        raise ValueError(f"max_text_chars = {max_text_chars!r} is invalid: expected an integer >= 1")
+    return low, high, int(max_text_chars)
+
+
 def _first_line(exc: BaseException) -> str:
     """A backend's message cut to its first line (ORT and TensorRT write multi-line banners)."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -256,22 +273,26 @@ def clip_seconds(audio: Any, sample_rate: int | None = None) -> float:
     reports that with its own message)."""
     try:
         if isinstance(audio, np.ndarray):
-            return audio.shape[0] / sample_rate
+            return audio.shape[0] / sample_rate if audio.ndim else 0.0
         if isinstance(audio, (bytes, bytearray, memoryview)):
             audio = io.BytesIO(bytes(audio))
         if not hasattr(audio, "read"):
-            info = sf.info(str(audio))
-            return info.frames / info.samplerate
+            with open_binary(audio)[0] as fh:  # a path: a regular file only (a FIFO would block)
+                return _header_seconds(fh)
         if not (hasattr(audio, "seekable") and audio.seekable()):
             return 0.0
         start = audio.tell()
         try:
-            with sf.SoundFile(audio) as snd:
-                return snd.frames / snd.samplerate
+            return _header_seconds(audio)
         finally:
             audio.seek(start)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError, ZeroDivisionError):
-        return 0.0
+        return 0.0  # AudioError (a ValueError) included: preprocess reports it
+
+
+def _header_seconds(fh: Any) -> float:
+    with sf.SoundFile(fh) as snd:
+        return snd.frames / snd.samplerate
 
 
 def _check_not_empty(audio: Any) -> None:
@@ -280,11 +301,11 @@ def _check_not_empty(audio: Any) -> None:
         raise AudioError("<bytes>: audio is empty (0 bytes)")
     if isinstance(audio, (str, Path)):
         try:
-            if Path(audio).stat().st_size == 0:
+            if Path(audio).is_file() and Path(audio).stat().st_size == 0:  # FIFOs and devices: load_audio
                 raise AudioError(f"{audio}: audio file is empty (0 bytes)")
-        except OSError:
-            pass  # load_audio reports missing/unreadable files
-    if isinstance(audio, io.BytesIO) and audio.getbuffer().nbytes == 0:
+        except (OSError, ValueError):
+            pass  # load_audio reports missing, unreadable and NUL-holding paths
+    if isinstance(audio, io.BytesIO) and not audio.closed and audio.getbuffer().nbytes == 0:
         raise AudioError(f"{getattr(audio, 'name', '<stream>')}: audio is empty (0 bytes)")
 
 

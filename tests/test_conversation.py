@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from dmf.runtime import conversation as conv
 from dmf.runtime.conversation import Segment, TranscriptError, read_transcript
+from dmf.runtime.outputs import write_turns
 
 # (clip, speaker, text): 1.0, 1.5, 2.0, 2.5 and 6.0 s (the last longer than the 5 s window)
 PARTS = [("good0.wav", "Alice", "i am so happy today"), ("good1.wav", "Bob", "this is terrible news"),
@@ -185,12 +186,12 @@ def test_long_recording_is_read_segment_by_segment(predictor, tmp_path, monkeypa
 def test_outputs_and_plot(call, predictor, tmp_path):
     root, segs = call
     result = predictor.predict_conversation(root / "call.wav", segs)
-    conv.write_turns(result, tmp_path / "turns.jsonl")
+    write_turns(result, tmp_path / "turns.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "turns.jsonl").read_text().splitlines()]
     assert [r["label"] for r in rows] == [t.prediction.label for t in result.turns]
     assert rows[-1]["truncated"] is True and rows[0]["speaker"] == "Alice"
     formula = dataclasses.replace(result.turns[0], segment=dataclasses.replace(segs[0], text="=1+1"))
-    conv.write_turns(dataclasses.replace(result, turns=[formula] + result.turns[1:]), tmp_path / "turns.csv")
+    write_turns(dataclasses.replace(result, turns=[formula] + result.turns[1:]), tmp_path / "turns.csv")
     lines = (tmp_path / "turns.csv").read_text().splitlines()
     assert len(lines) == len(segs) + 1 and lines[0].startswith("start,end,speaker,text,label,truncated")
     assert ",'=1+1," in lines[1]  # shown as text by a spreadsheet, not run as a formula

@@ -95,7 +95,9 @@ def _csv_rows(text: str, delimiter: str, required: tuple[str, ...],
     """(where, row dict) for each CSV data row; a header missing required columns is a line-1
     problem; a record the csv module refuses (a field over its 128 KiB limit) is a row problem."""
     lines = _Lines(text)
-    reader = csv.reader(lines, delimiter=delimiter)
+    # strict: a quote left open is an error at the end of the file, not a field that silently
+    # swallows every later row (the default reader's behaviour)
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
     header = [h.strip() for h in next(reader, [])]
     missing = [c for c in required if c not in header]
     if missing:
@@ -109,10 +111,17 @@ def _csv_rows(text: str, delimiter: str, required: tuple[str, ...],
         except StopIteration:
             return rows
         except csv.Error as exc:
-            rows.append((where, _Malformed(f"unreadable CSV record ({exc})")))
+            rows.append((where, _Malformed(_csv_problem(exc, where, lines.count))))
             continue
         if values:  # blank lines are skipped
             rows.append((where, {k: (values[i] if i < len(values) else None) for i, k in enumerate(header)}))
+
+
+def _csv_problem(exc: csv.Error, where: str, last_line: int) -> str:
+    if "unexpected end of data" in str(exc):
+        return (f"unreadable CSV record: a quoted field opened here is never closed (lines "
+                f"{where.split()[-1]}-{last_line} would be one field)")
+    return f"unreadable CSV record ({exc})"
 
 
 def _json_rows(text: str, problems: list[str]) -> list[tuple[str, object]]:
@@ -122,8 +131,8 @@ def _json_rows(text: str, problems: list[str]) -> list[tuple[str, object]]:
     if stripped.startswith("["):
         try:
             items = json.loads(stripped)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            problems.append(f"line {getattr(exc, 'lineno', 1)}: malformed JSON ({getattr(exc, 'msg', 'nested too deeply')})")
+        except (ValueError, RecursionError) as exc:
+            problems.append(f"line {getattr(exc, 'lineno', 1)}: {_json_problem(exc)}")
             return []
         return [(f"item {i}", item) for i, item in enumerate(items, start=1)]
     rows: list[tuple[str, object]] = []
@@ -132,11 +141,20 @@ def _json_rows(text: str, problems: list[str]) -> list[tuple[str, object]]:
             continue
         try:
             rows.append((f"line {n}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            rows.append((f"line {n}", _Malformed(f"malformed JSON ({exc.msg} at column {exc.colno})")))
-        except RecursionError:
-            rows.append((f"line {n}", _Malformed("malformed JSON (nested too deeply)")))
+        except (ValueError, RecursionError) as exc:
+            rows.append((f"line {n}", _Malformed(_json_problem(exc))))
     return rows
+
+
+def _json_problem(exc: BaseException) -> str:
+    """json.loads' failure in a row's terms: a syntax error (with its column), nesting past the
+    interpreter's recursion limit, or an integer over Python's 4300-digit limit (whose message
+    would tell the user to call sys.set_int_max_str_digits)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"malformed JSON ({exc.msg} at column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return "malformed JSON (nested too deeply)"
+    return f"malformed JSON ({str(exc).split(';')[0].strip()})"
 
 
 def read_rows(path: Path, required: tuple[str, ...]) -> tuple[list[tuple[str, object]], list[str]]:
@@ -178,11 +196,15 @@ def audio_path(value: str, base: Path) -> Path:
 
 
 def missing_audio(audio: Path) -> str | None:
+    """Why `audio` cannot be read as a file, or None. A FIFO or device is named as such: opening
+    it would block (no writer) or never end (/dev/zero)."""
     if audio.is_dir():
         return f"audio is a folder, not a file: {audio}"
-    if not audio.is_file():
-        return f"audio file not found: {audio}"
-    return None
+    if audio.is_file():
+        return None
+    if audio.exists():
+        return f"audio is not a regular file (a FIFO, device or socket): {audio}"
+    return f"audio file not found: {audio}"
 
 
 def _unreadable_audio(audio: Path) -> str | None:
