@@ -130,3 +130,22 @@ def test_json_array_and_empty_manifest(root):
     (root / "latin1.csv").write_bytes(latin1)
     with pytest.raises(DataError, match="not valid UTF-8"):
         load_corpus(root / "latin1.csv")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".ndjson", ".json"])
+def test_load_corpus_reads_every_type_the_manifest_reader_reads(root, suffix):
+    """One table of manifest types: load_corpus once refused a .tsv (and .ndjson) that
+    load_manifest reads."""
+    rows = [{"audio": "clips/a.wav", "text": "hello there", "label": "neu", "speaker": "spk1", "session": "s1"},
+            {"audio": "clips/b.wav", "text": "so happy", "label": "hap", "speaker": "spk2", "session": "s2"}]
+    path = root / f"m{suffix}"
+    if suffix in (".csv", ".tsv"):
+        sep = "," if suffix == ".csv" else "\t"
+        path.write_text("\n".join(sep.join(r.values()) for r in [dict(zip(rows[0], rows[0]))] + rows) + "\n")
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = load_corpus(path)
+    assert [(u.audio_path.name, u.label, u.session) for u in corpus.utterances] == \
+        [("a.wav", "neu", "s1"), ("b.wav", "hap", "s2")]

@@ -4,7 +4,8 @@ Torch-free. `load_corpus(path)` picks the reader; every reader returns a `Corpus
 and raises `DataError` (one line, naming the path) for anything it cannot use.
 """
 
-from dmf.data.corpus import IEMOCAP_LABELS, Corpus, DataError, Utterance, load_corpus
+from dmf.data.corpus import load_corpus
+from dmf.data.records import IEMOCAP_LABELS, Corpus, DataError, Utterance
 from dmf.data.iemocap import load_iemocap
 from dmf.data.manifest import ManifestError, load_manifest
 

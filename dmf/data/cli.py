@@ -15,7 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dmf.cliutil import fail
-from dmf.data.corpus import FORMATS, DataError, load_corpus
+from dmf.data.corpus import FORMATS, load_corpus
+from dmf.data.records import DataError
 from dmf.preprocess import AudioError
 
 data_app = typer.Typer(name="data", help="Inspect corpora (IEMOCAP trees, manifests).", no_args_is_help=True)

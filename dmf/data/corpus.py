@@ -1,67 +1,31 @@
-"""The corpus model every reader returns, and `load_corpus`, which picks the reader.
+"""`load_corpus`, which picks the reader for a path: an IEMOCAP release tree or a manifest (its
+type from `manifest.manifest_kind`, the one table of manifest suffixes). The corpus model lives in
+`dmf.data.records`; its names are re-exported here for the callers that import them from this module.
 
 Torch-free: the CLI's `data stats` and the runtime-side tools read corpora without torch.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
-from dmf.contract import LABELS
+from dmf.data.iemocap import load_iemocap
+from dmf.data.manifest import MANIFEST_KINDS, load_manifest, manifest_kind
+from dmf.data.records import IEMOCAP_LABELS, Corpus, DataError, Utterance
 
-IEMOCAP_LABELS = LABELS  # the contract's four classes
+__all__ = ["FORMATS", "IEMOCAP_LABELS", "Corpus", "DataError", "Utterance", "detect_format", "load_corpus"]
+
 FORMATS = ("auto", "iemocap", "manifest")
-MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json")
-
-
-class DataError(ValueError):
-    """A corpus that cannot be read; the one-line message names the path."""
-
-
-@dataclass(frozen=True)
-class Utterance:
-    id: str
-    audio_path: Path
-    text: str
-    label: str
-    session: str
-    speaker: str
-
-
-@dataclass
-class Corpus:
-    utterances: list[Utterance]
-    labels: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.utterances)
-
-    def sessions(self) -> list[str]:
-        """Sorted unique session ids (the LOSO folds)."""
-        return sorted({u.session for u in self.utterances})
-
-    def counts(self) -> dict:
-        """{total, by_label (in `labels` order), by_session (sorted), speakers (sorted ids)}."""
-        by_label = Counter(u.label for u in self.utterances)
-        by_session = Counter(u.session for u in self.utterances)
-        return {
-            "total": len(self.utterances),
-            "by_label": {label: by_label.get(label, 0) for label in self.labels},
-            "by_session": {s: by_session[s] for s in sorted(by_session)},
-            "speakers": sorted({u.speaker for u in self.utterances}),
-        }
 
 
 def detect_format(path: Path) -> str:
-    """'iemocap' for a folder with Session* subfolders, 'manifest' for .csv/.jsonl/.json files."""
+    """'iemocap' for a folder with Session* subfolders, 'manifest' for a file with a manifest suffix."""
     if path.is_dir() and any(p.is_dir() and p.name.startswith("Session") for p in path.iterdir()):
         return "iemocap"
-    if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
+    if path.is_file() and manifest_kind(path) is not None:
         return "manifest"
     raise DataError(f"{path} is not a corpus: expected an IEMOCAP tree (Session1..5/) "
-                    "or a manifest (.csv/.jsonl)")
+                    f"or a manifest ({', '.join(MANIFEST_KINDS)})")
 
 
 def load_corpus(path: str | Path, format: str = "auto", labels: tuple[str, ...] | None = None) -> Corpus:
@@ -75,7 +39,5 @@ def load_corpus(path: str | Path, format: str = "auto", labels: tuple[str, ...] 
     if format == "auto":
         format = detect_format(path)
     if format == "iemocap":
-        from dmf.data.iemocap import load_iemocap  # local import: iemocap imports this module
         return load_iemocap(path, labels=labels)
-    from dmf.data.manifest import load_manifest
     return load_manifest(path, labels=labels)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import soundfile as sf
 
-from dmf.data.corpus import IEMOCAP_LABELS, Corpus, DataError, Utterance
+from dmf.data.records import IEMOCAP_LABELS, Corpus, DataError, Utterance
 
 CODE_MAP = {"neu": "neu", "hap": "hap", "exc": "hap", "sad": "sad", "ang": "ang"}
 

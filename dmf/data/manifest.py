@@ -21,12 +21,13 @@ from typing import Any, Callable, Iterator
 
 import soundfile as sf
 
-from dmf.data.corpus import IEMOCAP_LABELS, Corpus, DataError, Utterance
+from dmf.data.records import IEMOCAP_LABELS, Corpus, DataError, Utterance
 
 REQUIRED = ("audio", "text", "label", "speaker", "session")  # training rows
 PREDICT_REQUIRED = ("audio", "text")  # `dmf predict` rows (plus an optional id)
-CSV_SUFFIXES = (".csv", ".tsv")
-JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
+# The one table of manifest types (training's load_corpus and `dmf predict --manifest` both read it):
+# suffix -> "csv" / "tsv" (a header row, comma / tab separated) or "json" (JSON Lines, or one array)
+MANIFEST_KINDS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".ndjson": "json", ".json": "json"}
 MAX_LISTED = 50  # problems spelled out in the message; all of them stay in `.problems`
 
 
@@ -57,10 +58,15 @@ class PredictionRow:
 
 # -------------------------------------------------------------------------------------- parsing
 
+def manifest_kind(path: Path) -> str | None:
+    """The manifest type of `path` by its suffix ("csv", "tsv" or "json"); None for any other file."""
+    return MANIFEST_KINDS.get(path.suffix.lower())
+
+
 def _read_text(path: Path) -> str:
-    if path.suffix.lower() not in CSV_SUFFIXES + JSON_SUFFIXES:
+    if manifest_kind(path) is None:
         raise DataError(f"{path}: unknown manifest type {path.suffix or '(no suffix)'!r}: expected "
-                        f"{', '.join(CSV_SUFFIXES + JSON_SUFFIXES)}")
+                        f"{', '.join(MANIFEST_KINDS)}")
     try:
         return path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often write a BOM
     except UnicodeDecodeError:
@@ -162,9 +168,9 @@ def read_rows(path: Path, required: tuple[str, ...]) -> tuple[list[tuple[str, ob
     parsing. A row is a dict, or a _Malformed (its problem), or whatever a JSON line held."""
     text = _read_text(path)
     problems: list[str] = []
-    suffix = path.suffix.lower()
-    if suffix in CSV_SUFFIXES:
-        rows = _csv_rows(text, "\t" if suffix == ".tsv" else ",", required, problems)
+    kind = manifest_kind(path)
+    if kind in ("csv", "tsv"):
+        rows = _csv_rows(text, "\t" if kind == "tsv" else ",", required, problems)
     else:
         rows = _json_rows(text, problems)
     return rows, problems

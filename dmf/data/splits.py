@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from dmf.config import ConfigError
-from dmf.data.corpus import Corpus, DataError, Utterance
+from dmf.data.records import Corpus, DataError, Utterance
 
 
 @dataclass(frozen=True)

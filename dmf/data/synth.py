@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import soundfile as sf
 
-from dmf.data.corpus import IEMOCAP_LABELS, Corpus, DataError, Utterance
+from dmf.data.records import IEMOCAP_LABELS, Corpus, DataError, Utterance
 
 SAMPLE_RATE = 16000
 SESSIONS = 5
