@@ -31,7 +31,7 @@ import stat
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -41,8 +41,7 @@ from dmf.fileio import atomic_write
 from dmf.preprocess import (RESAMPLE_MARGIN_S, AudioError, check_seconds, header_problem, libsndfile_words,
                             open_binary, source_name)
 
-if TYPE_CHECKING:
-    from .predictor import Prediction, Predictor
+from .prediction import Prediction
 
 MAX_RECORDING_SECONDS = 4 * 3600.0  # longest accepted recording (a long meeting); callers may lower it
 TRANSCRIPT_FORMATS = {".vtt": "vtt", ".srt": "srt", ".json": "json"}  # suffix -> reader
@@ -51,6 +50,23 @@ _VOICE_TAG = re.compile(r"<v(?:\.[^\s>]*)?\s+([^>]+)>")  # WebVTT voice span: <v
 # a cue timing with a minus sign before either time: pysubs2 drops the sign (-1 s would read as 1 s)
 _NEGATIVE_TIME = re.compile(r"(?:^|-->)\s*-\s*\d")
 _NAME_PREFIX = re.compile(r"^\s*([^\s:][^:\n]{0,39}?):\s+(\S.*)$", re.S)  # "Alice: text" (name <= 40 chars)
+
+
+class Scorer(Protocol):
+    """What a conversation needs of a `Predictor` (typed here so this module does not import the
+    predictor, whose `predict_conversation` imports this one)."""
+
+    artifact: Any  # .input_samples, .sample_rate: the model's window
+    labels: tuple[str, ...]
+    max_batch: int
+    min_seconds: float
+
+    def preprocess(self, audio: Any, text: Any, sample_rate: int | None = None, *,
+                   min_seconds: float | None = None, max_seconds: float | None = None) -> dict[str, np.ndarray]: ...
+
+    def infer(self, items: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray: ...
+
+    def postprocess(self, log_probs: np.ndarray) -> Prediction: ...
 
 
 class TranscriptError(ValueError):
@@ -72,7 +88,7 @@ class Turn:
     """One segment's prediction. `windows`: how many model windows were scored for it."""
 
     segment: Segment
-    prediction: "Prediction"
+    prediction: Prediction
     truncated: bool  # the segment is longer than the model's window
     windows: int = 1
 
@@ -269,7 +285,7 @@ def _overlaps(segments: Sequence[Segment], name: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------ prediction
 
-def predict_conversation(predictor: "Predictor", audio: Any, segments: Sequence[Segment], *,
+def predict_conversation(predictor: Scorer, audio: Any, segments: Sequence[Segment], *,
                          policy: str = "first", name: str = "transcript",
                          max_seconds: float | None = MAX_RECORDING_SECONDS, batch_size: int | None = None,
                          progress: Callable[[int], None] | None = None) -> Conversation:
@@ -301,7 +317,7 @@ def _chunks(indices: range, size: int) -> Iterator[range]:
         yield indices[start:start + size]
 
 
-def _predict_chunk(predictor: "Predictor", rec: "_Recording", segments: Sequence[Segment],
+def _predict_chunk(predictor: Scorer, rec: "_Recording", segments: Sequence[Segment],
                    chunk: range, policy: str, batch: int) -> list[Turn]:
     """Score the chunk's segments, `batch` windows per `infer`, and average each segment's
     log-probabilities over its windows. Windows are prepared as they are scored, so memory follows
@@ -331,14 +347,14 @@ def _predict_chunk(predictor: "Predictor", rec: "_Recording", segments: Sequence
     return [_turn(predictor, segments[i], i, sums[i] / counts[i], counts[i], window) for i in chunk]
 
 
-def _prepare(predictor: "Predictor", samples: np.ndarray, s: Segment, i: int, rate: int) -> dict:
+def _prepare(predictor: Scorer, samples: np.ndarray, s: Segment, i: int, rate: int) -> dict:
     try:
         return predictor.preprocess(samples, s.text, rate, max_seconds=None)
     except (AudioError, ValueError) as exc:  # AudioError, TextError, InputError
         raise type(exc)(f"segment {i} ({s.start:.3f}-{s.end:.3f} s): {exc}") from None
 
 
-def _turn(predictor: "Predictor", s: Segment, i: int, mean: np.ndarray, windows: int, window: float) -> Turn:
+def _turn(predictor: Scorer, s: Segment, i: int, mean: np.ndarray, windows: int, window: float) -> Turn:
     try:
         prediction = predictor.postprocess(mean)
     except ValueError as exc:  # ResultError: scores not finite

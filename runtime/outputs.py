@@ -21,7 +21,7 @@ from dmf.fileio import atomic_write
 
 if TYPE_CHECKING:
     from .conversation import Conversation
-    from .predictor import Prediction
+    from .prediction import Prediction
 
 OUTPUT_KINDS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}  # --out suffix -> format
 # A leading =, +, -, @, tab or CR makes a spreadsheet read a cell as a formula (OWASP, CSV injection).

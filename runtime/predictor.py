@@ -8,7 +8,7 @@ samples, normalisation, token count) and the artifact's tokenizer.json. Torch-fr
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -24,8 +24,10 @@ from dmf.contract import MAX_TEXT_CHARS as DEFAULT_MAX_TEXT_CHARS
 from dmf.contract import MIN_CLIP_SECONDS as DEFAULT_MIN_SECONDS
 
 from .artifact import Artifact, ArtifactError, check_log_probs, load_artifact
+from .conversation import predict_conversation, read_transcript
 from .engine import Engine, EngineError
 from .engines import create_engine
+from .prediction import Prediction
 
 
 class InputError(ValueError):
@@ -39,21 +41,6 @@ class ResultError(ValueError):
 
 INPUT_ERRORS = (AudioError, TextError, InputError, ResultError)
 """Everything a bad request can raise: the caller's fault, never the model's."""
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One result: the arg-max label, probabilities by label (in dmf.json's label order) and the
-    raw log-probabilities the model returned. `truncated`: the clip was longer than the model's
-    window (input_samples / sample_rate), so only its first window was scored."""
-
-    label: str
-    probabilities: dict[str, float]
-    log_probs: tuple[float, ...] = field(repr=False, default=())
-    truncated: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "probabilities": dict(self.probabilities), "truncated": self.truncated}
 
 
 class Predictor:
@@ -206,8 +193,6 @@ class Predictor:
         `conversation.Segment`, or a transcript file path) -> `conversation.Conversation`: one
         prediction per segment and a per-speaker summary. `options`: see
         `conversation.predict_conversation` (max_seconds, progress, name)."""
-        from .conversation import predict_conversation, read_transcript
-
         if isinstance(segments, (str, Path)):
             options.setdefault("name", str(segments))
             segments = read_transcript(segments)
