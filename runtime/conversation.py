@@ -330,6 +330,8 @@ def _predict_chunk(predictor: Scorer, rec: "_Recording", segments: Sequence[Segm
     owner: list[int] = []  # the segment each pending window belongs to
 
     def run_pending() -> None:
+        if not pending:
+            return
         for i, row in zip(owner, predictor.infer(pending)):
             sums[i] += row
             counts[i] += 1
