@@ -70,8 +70,8 @@ def _lat(seconds: list[float]) -> dict[str, float]:
     """Request latency percentiles (ms): measure.latency_stats at one request per call."""
     a = np.asarray(seconds, dtype=np.float64)
     stats = latency_stats(a, 1)
-    return {"p50_ms": stats["p50_ms_per_batch"], "p95_ms": stats["p95_ms_per_batch"],
-            "p99_ms": stats["p99_ms_per_batch"], "mean_ms": float(a.mean() * 1000.0)}
+    return {"p50_ms": stats.p50_ms_per_batch, "p95_ms": stats.p95_ms_per_batch,
+            "p99_ms": stats.p99_ms_per_batch, "mean_ms": float(a.mean() * 1000.0)}
 
 
 def _sequential(predictor, inputs, requests: int, warmup: int) -> dict[str, Any]:

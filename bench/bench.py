@@ -2,7 +2,8 @@
 interleaved rounds in one run (bench/measure.py), against the baselines users would otherwise run
 (torch eager fp32, and torch with bf16 autocast) and against the paper's 91 / 63 ms per sample.
 
-The library returns a dict; `bench/render.py` and the CLI turn it into a table, bench.json,
+The library returns a dict whose "rows" are `BenchRow`s; `bench/render.py` and the CLI turn it
+into a table, bench.json (`json_default` flattens each row to the keys bench.json has always had),
 bench.md and a plot. Every engine goes through the one engine interface (`infer(batch)`):
 torch through `dmf.torch_engine.TorchEngine`, the artifacts through `dmf.runtime.engines`.
 """
@@ -18,8 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from dmf.bench.measure import TimingOptions, flops_per_sample, latency_stats, matmul_peak_gflops, paired_ratio
-from dmf.bench.measure import time_rounds
+from dmf.bench.measure import (LatencyStats, TimingOptions, flops_per_sample, latency_stats, matmul_peak_gflops,
+                               paired_ratio, time_rounds)
 
 # bench engine -> (artifact engine, precision) it runs; torch engines run the checkpoint.
 ARTIFACT_ENGINES = {"onnx": ("onnx", "fp32"), "onnx-int8": ("onnx", "int8"), "openvino": ("openvino", "fp32"),
@@ -68,6 +69,34 @@ class Case:
     unavailable: dict[str, str] = field(default_factory=dict)  # bench engine -> why it could not be built
     paper_shaped: bool = False  # the paper's dimensions: the xpaper comparison means something
     model: object = field(default=None, repr=False)  # the checkpoint's DMFModel, loaded once for every use
+
+
+@dataclass
+class BenchRow:
+    """One timed (engine, fusion, batch size): its latency and what it is relative to."""
+
+    engine: str
+    fusion: str
+    batch_size: int
+    latency: LatencyStats
+    speedup: dict[str, float | None] = field(default_factory=dict)  # baseline -> its p50 / this p50
+    paper_ms_per_sample: float | None = None  # the paper's figure for this fusion (paper-shaped models)
+    speedup_vs_paper: float | None = None
+    gflops_per_s: float | None = None  # achieved model FLOP rate at p50
+    peak_fraction: float | None = None  # of the measured fp32 GEMM peak (fp32 engines only)
+
+    def to_dict(self) -> dict:
+        """bench.json's row: flat, with the keys bench.json files have always had
+        (speedup_vs_torch, speedup_vs_torch_bf16, ...), so older readers keep working."""
+        return {"engine": self.engine, "fusion": self.fusion, "batch_size": self.batch_size, **asdict(self.latency),
+                **{f"speedup_vs_{b.replace('-', '_')}": self.speedup.get(b) for b in BASELINES},
+                "paper_ms_per_sample": self.paper_ms_per_sample, "speedup_vs_paper": self.speedup_vs_paper,
+                "gflops_per_s": self.gflops_per_s, "peak_fraction": self.peak_fraction}
+
+
+def json_default(value):
+    """`json.dumps(result, default=json_default)`: rows as bench.json rows, anything else (paths) as text."""
+    return value.to_dict() if isinstance(value, BenchRow) else str(value)
 
 
 def synthetic_inputs(*, input_samples: int, max_tokens: int, batch: int, vocab_size: int, seed: int
@@ -154,8 +183,7 @@ def run_bench(cases: list[Case], options: BenchOptions = BenchOptions(),
         inputs = {f: synthetic_inputs(**shape, batch=batch, seed=options.seed) for f, shape in shapes.items()}
         calls = {key: (lambda e=engine, x=inputs[key[1]]: e.infer(x)) for key, engine in engines.items()}
         times = time_rounds(calls, options.timing) if calls else {}
-        rows += [{"engine": n, "fusion": f, "batch_size": batch, **latency_stats(t, batch)}
-                 for (n, f), t in times.items()]
+        rows += [BenchRow(n, f, batch, latency_stats(t, batch)) for (n, f), t in times.items()]
         ratios += compute_ratios(times, batch, options.seed)
     for engine in engines.values():
         engine.close()
@@ -218,22 +246,23 @@ def _flops(case: Case) -> float | None:
     return flops_per_sample(model, engine.tensors(synthetic_inputs(**shapes, batch=1, seed=0)))
 
 
-def _add_relative_columns(rows: list[dict], flops: dict, peak: float | None, paper: bool) -> None:
+def _add_relative_columns(rows: list[BenchRow], flops: dict, peak: float | None, paper: bool) -> None:
     """Speedup over each baseline from the medians (the paired ratios are in "ratios"), over the
     paper's per-sample latency (paper-shaped models only), and the share of the GEMM peak."""
-    p50 = {(r["engine"], r["fusion"], r["batch_size"]): r["p50_ms_per_sample"] for r in rows}
+    p50 = {(r.engine, r.fusion, r.batch_size): r.latency.p50_ms_per_sample for r in rows}
     for row in rows:
+        mine = row.latency.p50_ms_per_sample
         for base in BASELINES:
-            ref = p50.get((base, row["fusion"], row["batch_size"]))
-            row[f"speedup_vs_{base.replace('-', '_')}"] = ref / row["p50_ms_per_sample"] if ref else None
-        ms = PAPER_MS_PER_SAMPLE.get(row["fusion"]) if paper else None
-        row["paper_ms_per_sample"] = ms
-        row["speedup_vs_paper"] = ms / row["p50_ms_per_sample"] if ms else None
-        f = flops.get(row["fusion"])
-        row["gflops_per_s"] = f * row["throughput_per_s"] / 1e9 if f else None
+            ref = p50.get((base, row.fusion, row.batch_size))
+            row.speedup[base] = ref / mine if ref else None
+        ms = PAPER_MS_PER_SAMPLE.get(row.fusion) if paper else None
+        row.paper_ms_per_sample = ms
+        row.speedup_vs_paper = ms / mine if ms else None
+        f = flops.get(row.fusion)
+        row.gflops_per_s = f * row.latency.throughput_per_s / 1e9 if f else None
         # the peak is a CPU fp32 GEMM's: bf16 / int8 / fp16 work is not fp32 FLOPs, so no fraction for them
-        fp32 = engine_precision(row["engine"]) == "fp32"
-        row["peak_fraction"] = row["gflops_per_s"] / peak if (peak and row["gflops_per_s"] and fp32) else None
+        fp32 = engine_precision(row.engine) == "fp32"
+        row.peak_fraction = row.gflops_per_s / peak if (peak and row.gflops_per_s and fp32) else None
 
 
 def machine_info(threads: int) -> dict:
@@ -275,7 +304,7 @@ def head_latency(cases: list[Case], options: BenchOptions, say: Callable[[str], 
             inputs = {f: _head_inputs(_torch_model(c).model_config.embed_dim, batch) for f, c in with_ck.items()}
             calls = {f: (lambda e=e, x=inputs[f]: e.infer(x)) for f, e in engines.items()}
             times = time_rounds(calls, TimingOptions(warmup=10, min_runs=200, min_seconds=1.0, max_runs=2000))
-            out[str(batch)] = {f: latency_stats(t, batch)["p50_ms_per_sample"] for f, t in times.items()}
+            out[str(batch)] = {f: latency_stats(t, batch).p50_ms_per_sample for f, t in times.items()}
             if len(times) == 2:
                 out[str(batch)]["memory_minus_naive_ms"] = float(np.median(times["memory"] - times["naive"]) * 1000
                                                                  / batch)

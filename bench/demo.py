@@ -13,8 +13,8 @@ from pathlib import Path
 
 import typer
 
-from dmf.fileio import atomic_write_text
 from dmf.contract import META_FILE
+from dmf.fileio import atomic_write_text
 
 FUSIONS = ("memory", "naive")
 # What each fusion is exported to (bench engine names, bench.ARTIFACT_ENGINES gives engine and
@@ -197,9 +197,10 @@ def predictions_section(summary: dict):
 
 
 def _write_summary(summary: dict, out: Path) -> None:
+    from dmf.bench.bench import json_default
     from dmf.bench.render import markdown, markdown_sections
 
-    atomic_write_text(out / "demo.json", json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / "demo.json", json.dumps(summary, indent=2, default=json_default))
     lines = ["# dmf demo", *markdown_sections([models_section(summary), exports_section(summary)])]
     lines += ["", *(f"- {line}" for line in refusals(summary))] if refusals(summary) else []
     # the bench report follows, one heading level down

@@ -51,16 +51,28 @@ def time_calls(fn: Callable[[], object], options: TimingOptions = TimingOptions(
     return time_rounds({"fn": fn}, options)["fn"]
 
 
-def latency_stats(seconds: np.ndarray, batch_size: int) -> dict:
+@dataclass(frozen=True)
+class LatencyStats:
+    """Percentiles of one series of timed calls (ms), per call (batch) and per sample."""
+
+    runs: int
+    p50_ms_per_batch: float
+    p95_ms_per_batch: float
+    p99_ms_per_batch: float
+    p5_ms_per_sample: float
+    p50_ms_per_sample: float
+    p95_ms_per_sample: float
+    p99_ms_per_sample: float
+    throughput_per_s: float  # samples per second at the median
+
+
+def latency_stats(seconds: np.ndarray, batch_size: int) -> LatencyStats:
     """p5/p50/p95/p99 per batch and per sample (ms), and throughput (samples/s at the median)."""
-    p5, p50, p95, p99 = np.percentile(seconds, [5, 50, 95, 99]) * 1000.0
-    return {
-        "runs": int(len(seconds)),
-        "p50_ms_per_batch": float(p50), "p95_ms_per_batch": float(p95), "p99_ms_per_batch": float(p99),
-        "p5_ms_per_sample": float(p5 / batch_size), "p50_ms_per_sample": float(p50 / batch_size),
-        "p95_ms_per_sample": float(p95 / batch_size), "p99_ms_per_sample": float(p99 / batch_size),
-        "throughput_per_s": float(batch_size / (p50 / 1000.0)),
-    }
+    p5, p50, p95, p99 = (float(v) for v in np.percentile(seconds, [5, 50, 95, 99]) * 1000.0)
+    return LatencyStats(runs=int(len(seconds)), p50_ms_per_batch=p50, p95_ms_per_batch=p95, p99_ms_per_batch=p99,
+                        p5_ms_per_sample=p5 / batch_size, p50_ms_per_sample=p50 / batch_size,
+                        p95_ms_per_sample=p95 / batch_size, p99_ms_per_sample=p99 / batch_size,
+                        throughput_per_s=batch_size / (p50 / 1000.0))
 
 
 def paired_ratio(numerator: np.ndarray, denominator: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> dict:

@@ -11,17 +11,34 @@ import json
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
-from dmf.bench.bench import BASELINES, ENGINES
+from dmf.bench.bench import BASELINES, ENGINES, BenchRow, json_default
 from dmf.fileio import atomic_write_bytes, atomic_write_text
 
-COLUMNS = [  # (key, header, format): narrow headers so the table fits an 80-column terminal
-    ("engine", "engine", "{}"), ("fusion", "fusion", "{}"), ("batch_size", "B", "{}"),
-    ("p50_ms_per_sample", "p50 ms", "{:.1f}"), ("p95_ms_per_sample", "p95", "{:.1f}"),
-    ("p99_ms_per_sample", "p99", "{:.1f}"), ("throughput_per_s", "/s", "{:.1f}"),
-    ("speedup_vs_torch", "xtorch", "{:.2f}"), ("speedup_vs_torch_bf16", "xbf16", "{:.2f}"),
-    ("speedup_vs_paper", "xpaper", "{:.2f}"), ("peak_fraction", "peak", "{:.0%}"),
+BASELINE_SHORT = {"torch": "torch", "torch-bf16": "bf16"}  # a baseline's name in headers and bar labels
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the row table: a narrow header (the table fits an 80-column terminal), the
+    figure it shows and its format."""
+
+    header: str
+    value: Callable[[BenchRow], Any]
+    fmt: str
+
+
+COLUMNS = [
+    Column("engine", lambda r: r.engine, "{}"), Column("fusion", lambda r: r.fusion, "{}"),
+    Column("B", lambda r: r.batch_size, "{}"), Column("p50 ms", lambda r: r.latency.p50_ms_per_sample, "{:.1f}"),
+    Column("p95", lambda r: r.latency.p95_ms_per_sample, "{:.1f}"),
+    Column("p99", lambda r: r.latency.p99_ms_per_sample, "{:.1f}"),
+    Column("/s", lambda r: r.latency.throughput_per_s, "{:.1f}"),
+    *(Column(f"x{BASELINE_SHORT[b]}", lambda r, b=b: r.speedup.get(b), "{:.2f}") for b in BASELINES),
+    Column("xpaper", lambda r: r.speedup_vs_paper, "{:.2f}"), Column("peak", lambda r: r.peak_fraction, "{:.0%}"),
 ]
+PAPER_COLUMN = "xpaper"
 HEAD_TARGET_MS = 1.0  # the fusion head's budget per sample (benchmark issue)
 FUSION_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple")  # memory, naive, then any other fusion
 
@@ -38,8 +55,7 @@ class Section:
 
 
 # ------------------------------------------------------------------------------ figures as text
-def _cell(row: dict, key: str, fmt: str) -> str:
-    value = row.get(key)
+def _cell(value, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
@@ -57,10 +73,10 @@ def format_excess(ratio: dict) -> str:
     return f"{100 * (ratio['median'] - 1):+.1f} % [{100 * (low - 1):+.1f}, {100 * (high - 1):+.1f}]"
 
 
-def columns(result: dict) -> list[tuple[str, str, str]]:
+def columns(result: dict) -> list[Column]:
     """The row table's columns; xpaper only for paper-shaped models (a tiny model's "13x the
     paper" would read as a claim about the paper's model)."""
-    return [c for c in COLUMNS if c[0] != "speedup_vs_paper" or result.get("paper_ms_per_sample")]
+    return [c for c in COLUMNS if c.header != PAPER_COLUMN or result.get("paper_ms_per_sample")]
 
 
 def machine_lines(result: dict) -> list[str]:
@@ -84,8 +100,8 @@ def rows_section(result: dict) -> Section:
     if result.get("paper_ms_per_sample"):
         caption += "; xpaper: vs the paper's 91 (memory) / 63 (naive) ms on NVIDIA M40/T4 GPUs"
     caption += "; peak: share of the measured fp32 GEMM peak (fp32 engines)"
-    return Section("Latency per sample", [h for _, h, _ in cols],
-                   [[_cell(r, k, f) for k, _, f in cols] for r in result["rows"]], caption, text_columns=2)
+    return Section("Latency per sample", [c.header for c in cols],
+                   [[_cell(c.value(r), c.fmt) for c in cols] for r in result["rows"]], caption, text_columns=2)
 
 
 def _speedups(result: dict, best_only: bool) -> dict[tuple, dict[str, dict]]:
@@ -123,7 +139,7 @@ def memory_section(result: dict) -> Section:
 
 def head_section(result: dict) -> Section:
     head = result.get("head") or {}
-    rows = [[batch, *(_cell(h, k, "{:.3f}") for k in ("memory", "naive")), _cell(h, "memory_minus_naive_ms", "{:+.3f}")]
+    rows = [[batch, *(_cell(h.get(k), "{:.3f}") for k in ("memory", "naive")), _cell(h.get("memory_minus_naive_ms"), "{:+.3f}")]
             for batch, h in sorted(head.items(), key=lambda kv: int(kv[0]))]
     threads = (result.get("options") or {}).get("head_threads", 1)
     return Section(f"Fusion head alone (after the encoders, onnx engine, {threads} thread{'s' * (threads > 1)})",
@@ -200,44 +216,45 @@ def markdown(result: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------- plot
-def _baseline_for_labels(rows: list[dict]) -> str | None:
+def _baseline_for_labels(rows: list[BenchRow]) -> str | None:
     """The baseline written on the bars: torch-bf16 when it ran, else torch, else none."""
-    engines = {r["engine"] for r in rows}
+    engines = {r.engine for r in rows}
     return next((b for b in reversed(BASELINES) if b in engines), None)
 
 
-def bar_label(result: dict, row: dict, baseline: str | None) -> str:
+def bar_label(result: dict, row: BenchRow, baseline: str | None) -> str:
     """'2.3x bf16': the paired ratio when there is one, else the ratio of the p50s."""
     if baseline is None:
         return ""
-    if row["engine"] == baseline:
+    if row.engine == baseline:
         return "baseline"
     paired = next((r["median"] for r in result.get("ratios") or [] if r["kind"] == "speedup"
                    and (r["engine"], r["baseline"], r["fusion"], r["batch_size"])
-                   == (row["engine"], baseline, row["fusion"], row["batch_size"])), None)
-    value = paired if paired is not None else row.get(f"speedup_vs_{baseline.replace('-', '_')}")
-    short = "bf16" if baseline == "torch-bf16" else baseline
-    return "" if value is None else f"{value:.1f}x {short}"
+                   == (row.engine, baseline, row.fusion, row.batch_size)), None)
+    value = paired if paired is not None else row.speedup.get(baseline)
+    return "" if value is None else f"{value:.1f}x {BASELINE_SHORT.get(baseline, baseline)}"
 
 
 def _bar_plot(fig, ax, result: dict) -> None:
     """One batch size: a horizontal bar per (engine, fusion), fusions side by side per engine."""
-    rows = result["rows"]
-    engines = sorted({r["engine"] for r in rows}, key=_engine_order)
-    fusions = sorted({r["fusion"] for r in rows}, key=lambda f: (f != "memory", f != "naive", f))
+    rows: list[BenchRow] = result["rows"]
+    engines = sorted({r.engine for r in rows}, key=_engine_order)
+    fusions = sorted({r.fusion for r in rows}, key=lambda f: (f != "memory", f != "naive", f))
     baseline = _baseline_for_labels(rows)
     height = 0.8 / len(fusions)
-    right = max(r["p95_ms_per_sample"] for r in rows)
+    right = max(r.latency.p95_ms_per_sample for r in rows)
     for j, fusion in enumerate(fusions):
-        mine = sorted((r for r in rows if r["fusion"] == fusion), key=lambda r: _engine_order(r["engine"]))
-        ys = [engines.index(r["engine"]) + (j - (len(fusions) - 1) / 2) * height for r in mine]
-        p50 = [r["p50_ms_per_sample"] for r in mine]
-        err = [[r["p50_ms_per_sample"] - r["p5_ms_per_sample"] for r in mine],
-               [r["p95_ms_per_sample"] - r["p50_ms_per_sample"] for r in mine]]
+        mine = sorted((r for r in rows if r.fusion == fusion), key=lambda r: _engine_order(r.engine))
+        ys = [engines.index(r.engine) + (j - (len(fusions) - 1) / 2) * height for r in mine]
+        stats = [r.latency for r in mine]
+        p50 = [s.p50_ms_per_sample for s in stats]
+        err = [[s.p50_ms_per_sample - s.p5_ms_per_sample for s in stats],
+               [s.p95_ms_per_sample - s.p50_ms_per_sample for s in stats]]
         ax.barh(ys, p50, height=height * 0.9, xerr=err, capsize=3, label=fusion,
                 color=FUSION_COLOURS[j % len(FUSION_COLOURS)], error_kw={"elinewidth": 1, "ecolor": "black"})
         for y, r in zip(ys, mine):
-            ax.text(r["p95_ms_per_sample"] + right * 0.015, y, bar_label(result, r, baseline), va="center", fontsize=8)
+            ax.text(r.latency.p95_ms_per_sample + right * 0.015, y, bar_label(result, r, baseline), va="center",
+                    fontsize=8)
     for fusion, ms in (result.get("paper_ms_per_sample") or {}).items():
         colour = FUSION_COLOURS[fusions.index(fusion) % len(FUSION_COLOURS)] if fusion in fusions else "grey"
         ax.axvline(ms, color=colour, linestyle=":", linewidth=1.2, label=f"paper {fusion}: {ms:g} ms (GPU)")
@@ -256,27 +273,27 @@ def _line_plot(fig, ax, result: dict) -> None:
     p5-p95 band shaded; batch sizes are the x ticks."""
     from matplotlib.ticker import NullLocator
 
-    rows = result["rows"]
-    series: dict[tuple[str, str], list[dict]] = {}
+    rows: list[BenchRow] = result["rows"]
+    series: dict[tuple[str, str], list[BenchRow]] = {}
     for r in rows:
-        series.setdefault((r["engine"], r["fusion"]), []).append(r)
+        series.setdefault((r.engine, r.fusion), []).append(r)
     for (engine, fusion), points in sorted(series.items(), key=lambda kv: (_engine_order(kv[0][0]), kv[0][1])):
-        points.sort(key=lambda r: r["batch_size"])
-        xs = [r["batch_size"] for r in points]
+        points.sort(key=lambda r: r.batch_size)
+        xs = [r.batch_size for r in points]
         colour = f"C{_engine_order(engine) % 10}"
-        ax.plot(xs, [r["p50_ms_per_sample"] for r in points], marker="o", color=colour,
+        ax.plot(xs, [r.latency.p50_ms_per_sample for r in points], marker="o", color=colour,
                 linestyle="-" if fusion == "memory" else "--", label=f"{engine} / {fusion}")
-        ax.fill_between(xs, [r["p5_ms_per_sample"] for r in points], [r["p95_ms_per_sample"] for r in points],
-                        color=colour, alpha=0.08, linewidth=0)
+        ax.fill_between(xs, [r.latency.p5_ms_per_sample for r in points],
+                        [r.latency.p95_ms_per_sample for r in points], color=colour, alpha=0.08, linewidth=0)
     for fusion, ms in (result.get("paper_ms_per_sample") or {}).items():
         ax.axhline(ms, color="grey", linewidth=0.8, linestyle=":")
         ax.text(0.01, ms, f"paper {fusion}: {ms:g} ms (GPU)", transform=ax.get_yaxis_transform(), fontsize=8,
                 color="grey", va="bottom")
-    batches = sorted({r["batch_size"] for r in rows})
+    batches = sorted({r.batch_size for r in rows})
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.xaxis.set_minor_locator(NullLocator())
-    values = [r[k] for r in rows for k in ("p5_ms_per_sample", "p95_ms_per_sample")]
+    values = [v for r in rows for v in (r.latency.p5_ms_per_sample, r.latency.p95_ms_per_sample)]
     _readable_y_axis(ax, values + list((result.get("paper_ms_per_sample") or {}).values()))
     ax.set_xlabel("batch size")
     ax.set_ylabel("ms per sample (line: p50; band: p5-p95)")
@@ -309,7 +326,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots()
-    batches = sorted({r["batch_size"] for r in result["rows"]})
+    batches = sorted({r.batch_size for r in result["rows"]})
     (_bar_plot if len(batches) == 1 else _line_plot)(fig, ax, result)
     where = f", batch {batches[0]}" if len(batches) == 1 else ""
     cpu = textwrap.fill(result["machine"].get("cpu_line") or "", 90)
@@ -325,7 +342,7 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     """bench.json, bench.md and (when anything was timed) bench.png under out_dir, each atomically."""
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md"}
-    atomic_write_text(paths["json"], json.dumps(result, indent=2, default=str))
+    atomic_write_text(paths["json"], json.dumps(result, indent=2, default=json_default))
     atomic_write_text(paths["md"], markdown(result))
     if result["rows"]:
         paths["png"] = out_dir / "bench.png"

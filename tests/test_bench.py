@@ -10,14 +10,15 @@ the other jobs' threads and a tiny model's call goes from ~10 ms to over a secon
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from dmf.bench.bench import (BenchError, BenchOptions, Case, compute_ratios, export_for_engines, is_paper_shaped,
-                             run_bench)
+from dmf.bench.bench import (BenchError, BenchOptions, BenchRow, Case, compute_ratios, export_for_engines,
+                             is_paper_shaped, run_bench)
 from dmf.bench.measure import TimingOptions, latency_stats, paired_ratio, time_calls, time_rounds
 from dmf.bench.render import bar_label, columns, format_excess, format_ratio, markdown, plot, write_outputs
 from dmf.cli import app
@@ -93,10 +94,10 @@ def test_latency_stats_per_batch_and_per_sample():
     seconds = np.arange(1, 101) / 1000.0  # 1..100 ms
     s = latency_stats(seconds, batch_size=4)
     p5, p50, p95, p99 = np.percentile(seconds * 1000, [5, 50, 95, 99])
-    assert s["runs"] == 100 and s["p50_ms_per_batch"] == pytest.approx(p50)
-    assert s["p5_ms_per_sample"] == pytest.approx(p5 / 4) and s["p99_ms_per_sample"] == pytest.approx(p99 / 4)
-    assert s["p95_ms_per_sample"] == pytest.approx(p95 / 4)
-    assert s["throughput_per_s"] == pytest.approx(4 / (p50 / 1000))
+    assert s.runs == 100 and s.p50_ms_per_batch == pytest.approx(p50)
+    assert s.p5_ms_per_sample == pytest.approx(p5 / 4) and s.p99_ms_per_sample == pytest.approx(p99 / 4)
+    assert s.p95_ms_per_sample == pytest.approx(p95 / 4)
+    assert s.throughput_per_s == pytest.approx(4 / (p50 / 1000))
 
 
 def test_compute_ratios_picks_the_best_engine_and_memory_vs_naive():
@@ -155,17 +156,18 @@ def test_run_bench_rows(result):
     expected |= {("torch", "naive", b) for b in (1, 2)}
     if bf16:
         expected |= {("torch-bf16", f, b) for f in ("memory", "naive") for b in (1, 2)}
-    rows = {(r["engine"], r["fusion"], r["batch_size"]): r for r in result["rows"]}
+    rows = {(r.engine, r.fusion, r.batch_size): r for r in result["rows"]}
     assert set(rows) == expected
     for (engine, fusion, batch), row in rows.items():
-        assert row["runs"] >= FAST.min_runs
-        assert row["p50_ms_per_sample"] == pytest.approx(row["p50_ms_per_batch"] / batch)
-        assert row["p5_ms_per_sample"] <= row["p50_ms_per_sample"] <= row["p95_ms_per_sample"] <= row["p99_ms_per_sample"]
-        assert row["throughput_per_s"] == pytest.approx(1000.0 / row["p50_ms_per_sample"])
-        torch_ms = rows[("torch", fusion, batch)]["p50_ms_per_sample"]
-        assert row["speedup_vs_torch"] == pytest.approx(torch_ms / row["p50_ms_per_sample"])
-        assert (row["speedup_vs_torch_bf16"] is not None) == bf16
-        assert row["speedup_vs_paper"] is None and row["peak_fraction"] is None  # tiny model, no peak measured
+        t = row.latency
+        assert t.runs >= FAST.min_runs
+        assert t.p50_ms_per_sample == pytest.approx(t.p50_ms_per_batch / batch)
+        assert t.p5_ms_per_sample <= t.p50_ms_per_sample <= t.p95_ms_per_sample <= t.p99_ms_per_sample
+        assert t.throughput_per_s == pytest.approx(1000.0 / t.p50_ms_per_sample)
+        torch_ms = rows[("torch", fusion, batch)].latency.p50_ms_per_sample
+        assert row.speedup["torch"] == pytest.approx(torch_ms / t.p50_ms_per_sample)
+        assert (row.speedup["torch-bf16"] is not None) == bf16
+        assert row.speedup_vs_paper is None and row.peak_fraction is None  # tiny model, no peak measured
     assert result["paper_ms_per_sample"] is None
 
 
@@ -232,7 +234,12 @@ def test_run_bench_ratios_and_head(result):
 def test_outputs_json_markdown_and_plots(result, tmp_path):
     paths = write_outputs(result, tmp_path)
     saved = json.loads(paths["json"].read_text())
-    assert saved["rows"] == json.loads(json.dumps(result["rows"])) and saved["ratios"]
+    assert saved["ratios"] and len(saved["rows"]) == len(result["rows"])
+    for row, written in zip(result["rows"], saved["rows"]):  # flat, under the keys bench.json always had
+        assert written == {"engine": row.engine, "fusion": row.fusion, "batch_size": row.batch_size,
+                           **asdict(row.latency), "speedup_vs_torch": row.speedup["torch"],
+                           "speedup_vs_torch_bf16": row.speedup["torch-bf16"], "paper_ms_per_sample": None,
+                           "speedup_vs_paper": None, "gflops_per_s": None, "peak_fraction": None}
     md = paths["md"].read_text()
     assert result["machine"]["cpu_line"] in md and "onnxruntime" in md  # CPU line and versions
     assert "xpaper" not in md and "91 / 63 ms" in md  # tiny: no "Nx the paper" column
@@ -241,7 +248,7 @@ def test_outputs_json_markdown_and_plots(result, tmp_path):
     best = next(r for r in result["ratios"] if r["kind"] == "speedup" and r["best"])
     assert format_ratio(best) in md
     assert paths["png"].read_bytes()[:8] == PNG  # two batch sizes: latency vs batch
-    one = {**result, "rows": [r for r in result["rows"] if r["batch_size"] == 1]}
+    one = {**result, "rows": [r for r in result["rows"] if r.batch_size == 1]}
     plot(one, tmp_path / "one.png")  # one batch size: bars
     assert (tmp_path / "one.png").read_bytes()[:8] == PNG and (tmp_path / "one.png").stat().st_size > 10_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md", "bench.png", "one.png"]
@@ -249,42 +256,40 @@ def test_outputs_json_markdown_and_plots(result, tmp_path):
 
 def test_paper_shaped_results_get_the_paper_column_and_lines(result, tmp_path):
     paper = {**result, "paper_ms_per_sample": {"memory": 91.0, "naive": 63.0},
-             "rows": [dict(r, speedup_vs_paper=91.0 / r["p50_ms_per_sample"]) for r in result["rows"]
-                      if r["batch_size"] == 1]}
-    assert "speedup_vs_paper" in [c[0] for c in columns(paper)]
-    assert "speedup_vs_paper" not in [c[0] for c in columns(result)]
+             "rows": [replace(r, speedup_vs_paper=91.0 / r.latency.p50_ms_per_sample) for r in result["rows"]
+                      if r.batch_size == 1]}
+    assert "xpaper" in [c.header for c in columns(paper)]
+    assert "xpaper" not in [c.header for c in columns(result)]
     assert "| xpaper |" in markdown(paper) and "91 ms (memory) / 63 ms (naive)" in markdown(paper)
     plot(paper, tmp_path / "paper.png")
     assert (tmp_path / "paper.png").read_bytes()[:8] == PNG
 
 
 def test_bar_labels_use_bf16_when_it_ran_else_torch():
-    row = {"engine": "onnx", "fusion": "memory", "batch_size": 1, "speedup_vs_torch": 2.04, "speedup_vs_torch_bf16": 1.1}
+    row = BenchRow("onnx", "memory", 1, latency_stats(np.array([0.01]), 1), speedup={"torch": 2.04, "torch-bf16": 1.1})
     ratio = {"kind": "speedup", "engine": "onnx", "baseline": "torch-bf16", "fusion": "memory", "batch_size": 1,
              "median": 1.26}
     assert bar_label({"ratios": [ratio]}, row, "torch-bf16") == "1.3x bf16"  # the paired ratio wins
     assert bar_label({"ratios": []}, row, "torch-bf16") == "1.1x bf16"  # else the p50 ratio
     assert bar_label({"ratios": []}, row, "torch") == "2.0x torch"
-    assert bar_label({"ratios": []}, dict(row, engine="torch"), "torch") == "baseline"
+    assert bar_label({"ratios": []}, replace(row, engine="torch"), "torch") == "baseline"
     assert bar_label({"ratios": []}, row, None) == ""
 
 
 def test_peak_fraction_uses_flops_and_peak():
     from dmf.bench.bench import _add_relative_columns
 
-    rows = [{"engine": e, "fusion": "memory", "batch_size": 1, **latency_stats(np.array([0.01, 0.01]), 1)}
+    rows = [BenchRow(e, "memory", 1, latency_stats(np.array([0.01, 0.01]), 1))
             for e in ("onnx", "onnx-int8", "openvino-bf16", "trt", "torch-bf16")]
     _add_relative_columns(rows, {"memory": 2e9}, peak=400.0, paper=True)  # 2 GFLOP x 100/s = 200 GFLOP/s
-    assert rows[0]["gflops_per_s"] == pytest.approx(200.0) and rows[0]["peak_fraction"] == pytest.approx(0.5)
-    assert rows[1]["peak_fraction"] is None  # int8 work is not fp32 FLOPs
-    assert all(r["peak_fraction"] is None for r in rows[2:])  # nor bf16, nor TensorRT's fp16
-    assert rows[0]["speedup_vs_torch"] is None  # no torch row in this run
-    assert rows[0]["speedup_vs_paper"] == pytest.approx(91.0 / 10.0)
+    assert rows[0].gflops_per_s == pytest.approx(200.0) and rows[0].peak_fraction == pytest.approx(0.5)
+    assert rows[1].peak_fraction is None  # int8 work is not fp32 FLOPs
+    assert all(r.peak_fraction is None for r in rows[2:])  # nor bf16, nor TensorRT's fp16
+    assert rows[0].speedup["torch"] is None  # no torch row in this run
+    assert rows[0].speedup_vs_paper == pytest.approx(91.0 / 10.0)
 
 
 def test_is_paper_shaped():
-    from dataclasses import asdict
-
     paper = asdict(ModelConfig())
     assert is_paper_shaped(paper)
     assert not is_paper_shaped(asdict(preset("tiny").model))
