@@ -1,8 +1,11 @@
-"""Real clips for reduced-precision exports: calibration rows from the checkpoint's training
-sessions and held-out rows (with labels) from its test session, preprocessed as training does.
+"""Real clips for reduced-precision exports, preprocessed as training does: calibration rows from
+the checkpoint's training clips, and the accuracy gate's clips: every clip of its held-out session
+(labels: UA) and of its validation split, none of which it was trained or calibrated on.
 
 The held-out session is the one the checkpoint's fold left out (`metrics.json` beside it, written
-by `dmf train`); without one, the corpus's last session is held out and the record says so.
+by `dmf train`); without one, the corpus's last session is held out and the record says so. The
+validation split is rebuilt from the checkpoint's own data settings (val_fraction, seed) with the
+same function training used (dmf.data.splits), so it is the same list of clips.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numpy as np
 
 from dmf.contract import AUDIO_INPUT, IDS_INPUT, MASK_INPUT
 
-HELD_OUT_SAMPLES = 200  # at most this many held-out clips for the accuracy gate
+GATE_SAMPLES = 400  # at most this many gate clips (held-out session first, then validation)
 
 
 def held_out_session(checkpoint: Path, sessions: list[str]) -> tuple[str, str]:
@@ -45,18 +48,25 @@ def encode(utterances, model) -> dict[str, np.ndarray]:
 
 
 def corpus_data(path: str | Path, model, checkpoint: Path, calibration_samples: int, seed: int = 0) -> dict:
-    """{"calibration": rows from the training sessions, "held_out": rows + labels of the held-out
-    session, "held_out_session", "held_out_choice"}; rows are picked by a seeded permutation."""
+    """{"calibration": rows of training clips, "held_out": the gate's rows + labels (held-out session
+    first, then validation), "ua_rows": (N,) True on held-out-session rows, "held_out_session",
+    "held_out_choice", "gate_sources": {source: clips}}; rows are picked by a seeded permutation."""
     from dmf.data import load_corpus
+    from dmf.data.splits import loso_split
 
     corpus = load_corpus(path)
-    session, choice = held_out_session(checkpoint, corpus.sessions())
-    train = sorted((u for u in corpus.utterances if u.session != session), key=lambda u: u.id)
-    test = sorted((u for u in corpus.utterances if u.session == session), key=lambda u: u.id)
-    if not train or not test:
+    sessions = corpus.sessions()
+    session, choice = held_out_session(checkpoint, sessions)
+    data_cfg = model.config.data
+    split = loso_split(corpus, sessions.index(session) + 1, data_cfg.val_fraction, data_cfg.seed)
+    if not split.train or not split.test:
         raise ValueError(f"{path}: need utterances both in and outside session {session} for calibration")
     rng = np.random.default_rng(seed)
     pick = lambda items, n: [items[i] for i in sorted(rng.permutation(len(items))[:n])]  # noqa: E731
-    return {"calibration": encode(pick(train, calibration_samples), model),
-            "held_out": encode(pick(test, HELD_OUT_SAMPLES), model),
-            "held_out_session": session, "held_out_choice": choice}
+    test = pick(split.test, GATE_SAMPLES)
+    val = pick(split.val, GATE_SAMPLES - len(test))
+    gate = encode(test + val, model)
+    return {"calibration": encode(pick(split.train, calibration_samples), model), "held_out": gate,
+            "ua_rows": np.arange(len(test) + len(val)) < len(test), "held_out_session": session,
+            "held_out_choice": choice, "gate_sources": {f"held-out session {session}": len(test),
+                                                        "validation split of the training sessions": len(val)}}

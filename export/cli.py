@@ -110,9 +110,20 @@ def _summary(path: Path, seconds: float) -> str:
     line = (f"exported {meta['engine']} {meta['precision']} {meta['fusion']} model to {path} in {seconds:.1f} s: "
             f"parity vs torch on {parity['samples']} samples max abs diff {parity['max_abs_diff']:.1e}, "
             f"argmax agreement {parity['argmax_agreement']:.3f}")
+    return line + gate_summary(parity)
+
+
+def gate_summary(parity: dict) -> str:
+    """The accuracy gate's figures for the summary line ('' for fp32): clips, flips, near-ties,
+    UA; or that the export was not gated (no real clips), in the same words dmf.json keeps."""
     gate = parity.get("accuracy_gate")
-    if gate:
-        line += f"; held-out gate: agreement with fp32 {gate['argmax_agreement']:.3f} on {gate['samples']} clips"
-        if gate.get("ua") is not None:
-            line += f", UA {100 * gate['ua']:.1f} vs fp32 {100 * gate['ua_fp32']:.1f}"
+    if not gate:
+        return ""
+    if not gate.get("gated", True):
+        return f"; {gate['reason']}"
+    line = (f"; accuracy gate: agreement with fp32 {gate['argmax_agreement']:.3f} on {gate['decided']} decided "
+            f"clips of {gate['clips']} ({gate['flips']} flipped; {gate['near_ties']} near-ties, "
+            f"{gate['near_tie_flips']} flipped, not counted)")
+    if gate.get("ua") is not None:
+        line += f", UA {100 * gate['ua']:.1f} vs fp32 {100 * gate['ua_fp32']:.1f} on {gate['labelled']} held-out clips"
     return line

@@ -18,6 +18,7 @@ import numpy as np
 from dmf.export import ENGINE_PRECISIONS, ENGINES, PRECISIONS, ExportError
 from dmf import contract as C
 from dmf.export import artifact as art
+from dmf.export import verify as V
 from dmf.export.triton import NAME_RE, entry_paths
 from dmf.fileio import commit_dir, stage_dir
 
@@ -97,6 +98,7 @@ def run(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions,
     if options.calibration is not None:
         step("calibration")
         agreement = _calibration_data(options, model, checkpoint, agreement)
+    _check_gate_clips(agreement, options)
 
     staging = stage_dir(out_dir)
     work = stage_dir(out_dir.with_name(out_dir.name + ".work"))
@@ -180,6 +182,19 @@ def _calibration_data(options: ExportOptions, model, checkpoint: Path, given: di
     return {**data, **(given or {})}
 
 
+def _check_gate_clips(data: dict | None, options: ExportOptions) -> None:
+    """Too few clips to gate on: refused before the long steps (export, calibration), with the count."""
+    if data is None or data.get("held_out") is None:
+        return
+    clips = len(data["held_out"][C.AUDIO_INPUT])
+    if clips < V.MIN_GATE_CLIPS:
+        sources = ", ".join(f"{k}: {v}" for k, v in (data.get("gate_sources") or {}).items())
+        raise ExportError(f"{options.engine} {options.precision} export: the accuracy gate needs at least "
+                          f"{V.MIN_GATE_CLIPS} clips to resolve a {V.MIN_AGREEMENT:.0%} agreement bar, got {clips}"
+                          + (f" ({sources})" if sources else "") + ": give a larger corpus (--calibration) "
+                          "or more clips (--agreement-data)")
+
+
 def _check_agreement_shapes(data: dict, cfg) -> None:
     data = data["held_out"]
     want = {C.AUDIO_INPUT: cfg.max_audio_samples, C.IDS_INPUT: cfg.max_tokens, C.MASK_INPUT: cfg.max_tokens}
@@ -204,7 +219,6 @@ def _opcheck(path: Path, what: str, extra_allowed=()) -> None:
 
 def _build(model, checkpoint: Path, work: Path, options: ExportOptions, data: dict | None, step):
     """Export, check, optimise and verify; returns (model file to ship, parity report)."""
-    from dmf.export import verify as V
     from dmf.export.onnx_export import export_onnx
     from dmf.export.optimize import optimize_offline
 
@@ -236,7 +250,7 @@ def _build(model, checkpoint: Path, work: Path, options: ExportOptions, data: di
         return _openvino(job), parity
     if options.engine == "trt":
         step("trt")
-        return _tensorrt(fp32, work, feeds, reference, options, cfg, parity), parity
+        return _tensorrt(job), parity
     if options.precision == "int8":
         step("quantise")
         return _int8(job), parity
@@ -265,60 +279,85 @@ def _gate(failure: str | None) -> None:
         raise ExportError(failure)
 
 
-def _check_reduced(job: _Job, kind: str, path: Path, atol: float | None) -> None:
-    """A reduced-precision graph, through the runtime's engine `kind`: against torch on the verify
-    inputs (within `atol`; None: int8, where only a broken graph is caught, by agreement with fp32
-    >= INT8_MIN_VERIFY_AGREEMENT), then the accuracy gate on held-out rows when there are any."""
-    from dmf.export import verify as V
+NOT_GATED = ("not gated: no real clips to measure the accuracy of this reduced precision on; give --calibration "
+             "CORPUS (the training corpus) or --agreement-data to gate it")
 
+
+def _check_reduced(job: _Job, kind: str, path: Path) -> None:
+    """A graph through the runtime's engine `kind`: fp32 against torch within FP32_ATOL; a reduced
+    precision against torch only for a broken graph (argmax agreement on the verify inputs >=
+    MIN_VERIFY_AGREEMENT), then through the accuracy gate on real clips when there are any."""
     what = f"{job.options.engine} {job.options.precision} export"
     reduced = V.open_graph(kind, path, job.cfg, job.options.precision)
     try:
-        _check_engine(job, reduced, kind, atol, what)
+        _check_engine(job, reduced, kind, what)
     finally:
         reduced.close()
 
 
-def _check_engine(job: _Job, reduced, kind: str, atol: float | None, what: str) -> None:
-    from dmf.export import verify as V
+def _check_engine(job: _Job, reduced, kind: str, what: str) -> None:
+    _check_parity(job, V.verify_engine(reduced, job.reference, job.feeds), kind, what)
+    if job.options.precision != "fp32":
+        _accuracy_gate(job, reduced, what)
 
-    vs_torch = V.verify_engine(reduced, job.reference, job.feeds)
-    job.parity.update(checked_with=_CHECKED_WITH[kind], max_abs_diff=vs_torch.max_abs_diff,
-                      argmax_agreement=vs_torch.argmax_agreement, tolerance=atol)
-    if atol is not None:
-        _gate(V.parity_failure(vs_torch, atol, what))
-    else:  # int8: the reference is the fp32 model, so its agreement is int8's agreement with fp32
-        job.parity.update(int8_verify_agreement=vs_torch.argmax_agreement)
-        if not np.isfinite(vs_torch.max_abs_diff):
-            raise ExportError(f"{what} failed verification: non-finite log-probs")
-        if vs_torch.argmax_agreement < V.INT8_MIN_VERIFY_AGREEMENT:  # a broken graph lands near chance
-            raise ExportError(f"{what} failed verification: argmax agreement with fp32 "
-                              f"{vs_torch.argmax_agreement:.3f} < {V.INT8_MIN_VERIFY_AGREEMENT} on the verify inputs")
-    if job.data is not None and job.data.get("held_out") is not None:
+
+def _has_gate_data(job: _Job) -> bool:
+    return job.data is not None and job.data.get("held_out") is not None
+
+
+def _accuracy_gate(job: _Job, reduced, what: str) -> None:
+    """The held-out gate when there are real clips; otherwise dmf.json says it was not gated."""
+    if _has_gate_data(job):
         _held_out_gate(job, reduced, what)
+    else:
+        job.parity.update(accuracy_gate={"gated": False, "reason": NOT_GATED})
+
+
+def _check_parity(job: _Job, vs_torch, kind: str, what: str) -> None:
+    """Record the engine against torch on the verify inputs; fp32 within FP32_ATOL, reduced
+    precisions only for a broken graph."""
+    job.parity.update(checked_with=_CHECKED_WITH[kind], max_abs_diff=vs_torch.max_abs_diff,
+                      argmax_agreement=vs_torch.argmax_agreement)
+    if job.options.precision == "fp32":
+        job.parity.update(tolerance=V.FP32_ATOL)
+        _gate(V.parity_failure(vs_torch, V.FP32_ATOL, what))
+        return
+    _gate(_broken_graph(vs_torch, what))
+    job.parity.update(tolerance=None, verify_min_agreement=V.MIN_VERIFY_AGREEMENT)
+    if job.options.precision == "int8":  # the key dmf.json had before every precision was gated alike
+        job.parity.update(int8_verify_agreement=vs_torch.argmax_agreement)
+
+
+def _broken_graph(vs_torch, what: str) -> str | None:
+    """A reduced graph's failure on the verify inputs: non-finite output or agreement near chance."""
+    if not np.isfinite(vs_torch.max_abs_diff):
+        return f"{what} failed verification: non-finite log-probs"
+    if vs_torch.argmax_agreement < V.MIN_VERIFY_AGREEMENT:
+        return (f"{what} failed verification: argmax agreement with fp32 {vs_torch.argmax_agreement:.3f} "
+                f"< {V.MIN_VERIFY_AGREEMENT} on the verify inputs")
+    return None
 
 
 _CHECKED_WITH = {"onnx": "onnxruntime-cpu", "openvino": "openvino-cpu", "trt": "tensorrt"}
 
 
 def _held_out_gate(job: _Job, reduced, what: str) -> None:
-    """Argmax agreement with the fp32 graph and UA on held-out rows (verify.accuracy_gate)."""
-    from dmf.export import verify as V
-
+    """verify.accuracy_gate: the reduced graph against the fp32 graph on the gate's clips."""
     rows = job.data["held_out"]
     batch = min(job.options.max_batch, 8)
     fp32 = V.open_graph("onnx", job.fp32, job.cfg)
     try:
         record = V.accuracy_gate(V.run_chunks(fp32, rows, batch), V.run_chunks(reduced, rows, batch),
-                                 rows.get("labels"), what)
+                                 rows.get("labels"), what, labelled=job.data.get("ua_rows"))
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     finally:
         fp32.close()
-    record["held_out_session"] = job.data.get("held_out_session")
+    record.update(gated=True, held_out_session=job.data.get("held_out_session"),
+                  sources=job.data.get("gate_sources") or {"agreement data": record["clips"]})
     job.parity.update(accuracy_gate=record)
     if job.options.precision == "int8":  # the keys dmf.json had before the gate covered every precision
-        job.parity.update(int8_agreement=record["argmax_agreement"], int8_agreement_samples=record["samples"])
+        job.parity.update(int8_agreement=record["argmax_agreement"], int8_agreement_samples=record["clips"])
 
 
 def _int8(job: _Job) -> Path:
@@ -328,62 +367,71 @@ def _int8(job: _Job) -> Path:
 
     int8 = quantize_int8(job.fp32, job.work / "int8.onnx")
     _opcheck(int8, "int8 graph", extra_allowed=ORT_INT8_OPS)
-    _check_reduced(job, "onnx", int8, atol=None)
+    _check_reduced(job, "onnx", int8)
     return int8
 
 
 def _fp16(job: _Job) -> Path:
-    from dmf.export import verify as V
     from dmf.export.optimize import convert_fp16
 
     fp16 = convert_fp16(job.fp32, job.work / "fp16.onnx")
     _opcheck(fp16, "fp16 graph")
-    _check_reduced(job, "onnx", fp16, atol=V.FP16_ATOL)
+    _check_reduced(job, "onnx", fp16)
     return fp16
 
 
 def _openvino(job: _Job) -> Path:
     """OpenVINO IR: fp32 (checked at fp32 tolerance), bf16 (the same IR, bf16 at run time where the
-    CPU has it) or static int8 calibrated on the corpus's training clips (NNCF)."""
+    CPU has it) or mixed static int8 calibrated on the corpus's training clips (export/openvino.py)."""
     from dmf.export import openvino as OV
-    from dmf.export import verify as V
-    from dmf.export.optimize import fusion_matmuls
 
     xml = job.work / C.MODEL_FILES["openvino"]
     if job.options.precision == "int8":
         if job.data is None or job.data.get("calibration") is None:
             raise ExportError("static int8 needs calibration clips: give --calibration CORPUS")
-        OV.quantize(job.fp32, xml, job.data["calibration"], keep_fp32=fusion_matmuls(job.fp32))
+        calibration = job.data["calibration"]
+        _, kept = OV.quantize(job.fp32, xml, calibration)
+        job.parity.update(quantization={"recipe": "mixed-int8", "smooth_quant": False,
+                                        "calibration_clips": int(len(calibration[C.AUDIO_INPUT])),
+                                        "float_ops": kept})
     else:
         OV.convert(job.fp32, xml)
-    atol = {"fp32": V.FP32_ATOL, "bf16": V.FP16_ATOL, "int8": None}[job.options.precision]
-    _check_reduced(job, "openvino", xml, atol)
+    _check_reduced(job, "openvino", xml)
     return xml
 
 
-def _tensorrt(fp32: Path, work: Path, feeds, reference, options: ExportOptions, cfg, parity: dict) -> Path:
-    """Build the plan, then verify it through the runtime's TrtEngine at batch min(max_batch, N) and 1."""
-    from dmf.export import verify as V
+def _tensorrt(job: _Job) -> Path:
+    """Build the plan, then check it through the runtime's TrtEngine at batch min(max_batch, N) and
+    1: fp32 against torch within FP32_ATOL; fp16 / int8 as every reduced precision (broken-graph
+    check on the verify inputs, the accuracy gate on real clips when there are any)."""
     from dmf.export.tensorrt import build_engine, build_target, major_version, run_plan
 
-    source = fp32
+    options, cfg = job.options, job.cfg
+    source = job.fp32
     if options.precision == "fp16" and major_version() >= 11:  # strongly typed: fp16 comes from the graph
         from dmf.export.optimize import convert_fp16
 
-        source = convert_fp16(fp32, work / "fp16.onnx")
+        source = convert_fp16(job.fp32, job.work / "fp16.onnx")
         _opcheck(source, "fp16 graph")
-    plan = build_engine(source, work / C.MODEL_FILES["trt"], precision=options.precision, max_batch=options.max_batch,
+    plan = build_engine(source, job.work / C.MODEL_FILES["trt"], precision=options.precision, max_batch=options.max_batch,
                         input_dims={C.AUDIO_INPUT: (cfg.max_audio_samples,), C.IDS_INPUT: (cfg.max_tokens,),
                                     C.MASK_INPUT: (cfg.max_tokens,)})
-    batch = min(options.max_batch, len(feeds[C.AUDIO_INPUT]))
-    outs = run_plan(plan, cfg, options.precision, feeds, (batch, 1))
-    whole, single = (V.compare(reference, out) for out in outs)
-    result = V.Parity(whole.samples, max(whole.max_abs_diff, single.max_abs_diff),
-                      min(whole.argmax_agreement, single.argmax_agreement))
-    atol = V.FP32_ATOL if options.precision == "fp32" else V.FP16_ATOL
-    _gate(V.parity_failure(result, atol, f"TensorRT {options.precision} export"))
-    parity.update(checked_with="tensorrt", max_abs_diff=result.max_abs_diff,
-                  argmax_agreement=result.argmax_agreement, tolerance=atol, tensorrt=build_target())
+    job.parity.update(tensorrt=build_target())
+    what = f"TensorRT {options.precision} export"
+    batch = min(options.max_batch, len(job.feeds[C.AUDIO_INPUT]))
+    whole, single = (V.compare(job.reference, out) for out in run_plan(plan, cfg, options.precision, job.feeds, (batch, 1)))
+    _check_parity(job, V.Parity(whole.samples, max(whole.max_abs_diff, single.max_abs_diff),
+                                min(whole.argmax_agreement, single.argmax_agreement)), "trt", what)
+    if options.precision == "fp32":
+        return plan
+    if not _has_gate_data(job):
+        job.parity.update(accuracy_gate={"gated": False, "reason": NOT_GATED})
+        return plan
+    engine = V.open_graph("trt", plan, cfg, options.precision)
+    try:
+        _held_out_gate(job, engine, what)
+    finally:
+        engine.close()
     return plan
 
 
@@ -392,6 +440,9 @@ def _write(staging: Path, model, checkpoint: Path, model_file: Path, parity: dic
     name = C.MODEL_FILES[options.engine]
     shipped = [name] + ([C.OPENVINO_WEIGHTS_FILE] if options.engine == "openvino" else [])
     shutil.copyfile(model_file, staging / name)
+    if options.engine == "onnx":  # header only (IR 9, used opsets): onnxruntime before 1.18 / Triton before 24.06 load it
+        from dmf.export.onnx_export import stamp_for_older_runtimes
+        stamp_for_older_runtimes(staging / name)
     if options.engine == "openvino":  # the IR's weights, written beside model.xml
         shutil.copyfile(model_file.with_name(C.OPENVINO_WEIGHTS_FILE), staging / C.OPENVINO_WEIGHTS_FILE)
     tokenizer_src = checkpoint / C.TOKENIZER_FILE

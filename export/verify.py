@@ -14,14 +14,19 @@ import numpy as np
 
 from dmf.contract import AUDIO_INPUT, IDS_INPUT, INPUT_DTYPES, INPUT_NAMES, MASK_INPUT
 
-FP32_ATOL = 1e-4  # DESIGN §4: max abs diff of log-probs, ONNX fp32 vs torch eval fp32
-FP16_ATOL = 5e-2  # fp16 graph vs torch fp32 (LayerNorm/Softmax kept fp32)
-INT8_MIN_AGREEMENT = 0.99  # argmax agreement int8 vs fp32 required on agreement data (real inputs)
-MIN_AGREEMENT = INT8_MIN_AGREEMENT  # the accuracy gate of every reduced precision: argmax agreement with fp32 ...
-MAX_UA_DROP = 0.01  # ... on held-out clips, and UA (when labels are known) at most 1 point below fp32's
-# On the few synthetic verify inputs (a random-init model's log-probs are nearly flat) int8 may flip a
-# near-tie; this only catches a broken quantisation (which lands near chance, 1/num_labels).
-INT8_MIN_VERIFY_AGREEMENT = 0.75
+FP32_ATOL = 1e-4  # docs/design.md, "Export checks": max abs diff of log-probs, ONNX fp32 vs torch eval fp32
+# The accuracy gate of every reduced precision (fp16, bf16, int8; onnx, openvino, trt), on real clips
+# the model was neither trained nor calibrated on (docs/design.md, "The accuracy gate"):
+MIN_AGREEMENT = 0.99  # argmax agreement with the fp32 graph over the decided clips ...
+NEAR_TIE_MARGIN = 0.02  # ... a clip whose fp32 top-2 probabilities are closer than this is a near-tie:
+#   its flips are reported apart and not held against the export (bf16 alone flips such clips)
+MAX_UA_DROP = 0.01  # UA on the held-out session at most 1 point below fp32's (near-ties judged as fp32)
+MIN_GATE_CLIPS = 100  # fewer clips cannot resolve a 99 % bar (one flip of 80 is 98.75 %): refused
+INT8_MIN_AGREEMENT = MIN_AGREEMENT  # the name dmf.json's older int8 keys were documented under
+# On the few synthetic verify inputs (noise; a random-init model's log-probs are nearly flat) a reduced
+# precision may flip near-ties; this only catches a broken graph (which lands near chance, 1/num_labels).
+MIN_VERIFY_AGREEMENT = 0.75
+INT8_MIN_VERIFY_AGREEMENT = MIN_VERIFY_AGREEMENT
 VERIFY_SEED = 1234
 
 
@@ -155,24 +160,64 @@ def unweighted_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.mean([np.mean(predicted[labels == c] == c) for c in np.unique(labels)]))
 
 
-def accuracy_gate(fp32: np.ndarray, reduced: np.ndarray, labels: np.ndarray | None, what: str) -> dict:
-    """The accuracy gate of a reduced-precision graph on held-out inputs: argmax agreement with the
-    fp32 graph >= MIN_AGREEMENT and, with labels, UA at most MAX_UA_DROP below fp32's. Returns the
-    record dmf.json keeps; raises ValueError (one line, with the figures) when it fails."""
-    agreement = float(np.mean(fp32.argmax(-1) == reduced.argmax(-1)))
-    record = {"samples": int(len(fp32)), "argmax_agreement": agreement, "min_agreement": MIN_AGREEMENT,
-              "ua_fp32": None, "ua": None, "max_ua_drop": MAX_UA_DROP}
-    if labels is not None:
-        record.update(ua_fp32=unweighted_accuracy(labels, fp32.argmax(-1)),
-                      ua=unweighted_accuracy(labels, reduced.argmax(-1)))
-    problems = []
+def top2_margin(log_probs: np.ndarray) -> np.ndarray:
+    """(N,) difference of the two largest probabilities of each row."""
+    probs = np.exp(log_probs.astype(np.float64))
+    top = np.sort(probs, axis=-1)[:, -2:]
+    return top[:, 1] - top[:, 0]
+
+
+def accuracy_gate(fp32: np.ndarray, reduced: np.ndarray, labels: np.ndarray | None, what: str,
+                  labelled: np.ndarray | None = None) -> dict:
+    """The accuracy gate of a reduced-precision graph on real clips: (N, C) log-probs of the fp32
+    and reduced graphs; `labels` (N,) label indices, used for UA where `labelled` (N,) is True
+    (the held-out session; default: every row). Passes when
+    - there are at least MIN_GATE_CLIPS clips,
+    - argmax agreement with fp32 over the decided clips (fp32 top-2 margin >= NEAR_TIE_MARGIN)
+      is >= MIN_AGREEMENT (near-tie flips are counted apart),
+    - UA over the labelled clips, near-ties taking fp32's label, is at most MAX_UA_DROP below fp32's.
+    Returns the record dmf.json keeps; raises ValueError (one line, with the figures) otherwise."""
+    n = len(fp32)
+    if n < MIN_GATE_CLIPS:
+        raise ValueError(f"{what}: the accuracy gate needs at least {MIN_GATE_CLIPS} clips to resolve a "
+                         f"{MIN_AGREEMENT:.0%} agreement bar, got {n}: give a larger corpus (--calibration) "
+                         "or more clips (--agreement-data)")
     if not np.isfinite(reduced).all():
-        problems.append("non-finite log-probs")
+        raise ValueError(f"{what} failed the accuracy gate on {n} clips: non-finite log-probs")
+    near = top2_margin(fp32) < NEAR_TIE_MARGIN
+    flips = fp32.argmax(-1) != reduced.argmax(-1)
+    decided = int((~near).sum())
+    agreement = float(1.0 - flips[~near].mean()) if decided else 1.0
+    record = {"clips": n, "decided": decided, "near_ties": int(near.sum()), "flips": int(flips[~near].sum()),
+              "near_tie_flips": int(flips[near].sum()), "argmax_agreement": agreement,
+              "raw_agreement": float(1.0 - flips.mean()), "min_agreement": MIN_AGREEMENT,
+              "near_tie_margin": NEAR_TIE_MARGIN, "max_ua_drop": MAX_UA_DROP, "samples": n,
+              **_ua_record(fp32, reduced, near, labels, labelled)}
+    problems = []
+    if decided == 0:
+        problems.append(f"every clip is a near-tie (fp32 top-2 margin < {NEAR_TIE_MARGIN})")
     if agreement < MIN_AGREEMENT:
-        problems.append(f"argmax agreement with fp32 {agreement:.3f} < {MIN_AGREEMENT}")
+        problems.append(f"argmax agreement with fp32 {agreement:.3f} < {MIN_AGREEMENT} "
+                        f"({record['flips']} of {decided} decided clips flipped)")
     if record["ua"] is not None and record["ua"] < record["ua_fp32"] - MAX_UA_DROP - 1e-12:
         problems.append(f"UA {100 * record['ua']:.1f} more than {100 * MAX_UA_DROP:.0f} point below "
                         f"fp32's {100 * record['ua_fp32']:.1f}")
     if problems:
-        raise ValueError(f"{what} failed the accuracy gate on {len(fp32)} held-out samples: " + "; ".join(problems))
+        raise ValueError(f"{what} failed the accuracy gate on {n} clips "
+                         f"({record['near_ties']} near-ties not counted): " + "; ".join(problems))
     return record
+
+
+def _ua_record(fp32: np.ndarray, reduced: np.ndarray, near: np.ndarray, labels: np.ndarray | None,
+               labelled: np.ndarray | None) -> dict:
+    """UA of fp32, of the reduced graph as is (ua_raw) and with near-ties taking fp32's label (ua,
+    the gated figure), over the labelled rows; None without labels."""
+    if labels is None:
+        return {"labelled": 0, "ua_fp32": None, "ua": None, "ua_raw": None}
+    rows = np.ones(len(labels), dtype=bool) if labelled is None else np.asarray(labelled, dtype=bool)
+    if not rows.any():
+        return {"labelled": 0, "ua_fp32": None, "ua": None, "ua_raw": None}
+    ref, got = fp32.argmax(-1), reduced.argmax(-1)
+    judged = np.where(near, ref, got)
+    return {"labelled": int(rows.sum()), "ua_fp32": unweighted_accuracy(labels[rows], ref[rows]),
+            "ua": unweighted_accuracy(labels[rows], judged[rows]), "ua_raw": unweighted_accuracy(labels[rows], got[rows])}

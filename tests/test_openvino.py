@@ -27,6 +27,7 @@ from dmf.torch_engine import TorchEngine  # noqa: E402
 
 TEXTS = ["i am so happy today", "this is terrible news", "leave me alone", "what a surprise", "okay fine"]
 INIT_RANGE = 0.2  # as in test_export: log-probs that depend on both inputs, labels with a margin
+GATE_CLIPS = V.MIN_GATE_CLIPS + 4  # the accuracy gate refuses to judge on fewer
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def decided_checkpoint(work) -> Path:
 def rows(decided_checkpoint) -> dict:
     """Calibration rows and held-out rows labelled with the fp32 model's own argmax (UA 1.0)."""
     model = DMFModel.from_pretrained(decided_checkpoint).eval()
-    held = V.verify_inputs(model.model_config, model.tokenizer, samples=24, seed=5)
+    held = V.verify_inputs(model.model_config, model.tokenizer, samples=GATE_CLIPS, seed=5)
     held["labels"] = TorchEngine(model).infer(held).argmax(-1)
     return {"calibration": V.verify_inputs(model.model_config, model.tokenizer, samples=8, seed=6),
             "held_out": held, "held_out_session": "synthetic"}
@@ -99,9 +100,9 @@ def test_openvino_fp32_artifact_matches_torch_recomputed_here(fp32_artifact, che
 
 
 def test_static_int8_passes_the_gate_and_records_it(int8_artifact, decided_checkpoint):
-    meta = json.loads((int8_artifact / "dmf.json").read_text())
-    gate = meta["parity"]["accuracy_gate"]
-    assert gate["samples"] == 24 and gate["argmax_agreement"] >= V.MIN_AGREEMENT
+    gate = load_artifact(int8_artifact).meta["parity"]["accuracy_gate"]
+    assert gate["gated"] and gate["clips"] == GATE_CLIPS and gate["argmax_agreement"] >= V.MIN_AGREEMENT
+    assert gate["decided"] + gate["near_ties"] == GATE_CLIPS and gate["labelled"] == GATE_CLIPS
     assert gate["ua_fp32"] == pytest.approx(1.0) and gate["ua"] >= gate["ua_fp32"] - V.MAX_UA_DROP
     # the int8 IR holds quantised ops (FakeQuantize), so the speed-up is real int8 work, not a copy
     xml = (int8_artifact / "model.xml").read_text()
@@ -111,25 +112,57 @@ def test_static_int8_passes_the_gate_and_records_it(int8_artifact, decided_check
     assert (got.argmax(-1) == reference.argmax(-1)).all() and np.abs(got - reference).max() < 0.5
 
 
-def test_a_quantisation_that_flips_labels_is_refused_with_the_figures(work, decided_checkpoint, rows, monkeypatch):
+def _quantised_inputs(xml_path: Path) -> dict[str, bool]:
+    """Conv / MatMul op name -> whether one of its inputs comes from a FakeQuantize (int8)."""
     import openvino as ov
 
+    model = ov.Core().read_model(str(xml_path))
+    return {op.get_friendly_name(): any(i.get_source_output().get_node().get_type_name() == "FakeQuantize"
+                                        for i in op.inputs())
+            for op in model.get_ordered_ops() if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")}
+
+
+def test_mixed_int8_keeps_the_recorded_float_set_float_and_quantises_the_rest(int8_artifact):
+    from dmf.export.openvino import FLOAT_GROUPS
+
+    quant = load_artifact(int8_artifact).meta["parity"]["quantization"]  # read back from dmf.json
+    assert quant["recipe"] == "mixed-int8" and quant["smooth_quant"] is False and quant["calibration_clips"] == 8
+    kept = quant["float_ops"]
+    assert set(kept) == set(FLOAT_GROUPS)
+    assert len(kept["feature_encoder_convolutions"]) == 7  # the tiny wav2vec2's conv stack: 7 layers
+    assert len(kept["audio_head"]) == 2  # projector (before the mean pool) and classifier
+    assert len(kept["fusion_and_classifier"]) >= 10
+    quantised = _quantised_inputs(int8_artifact / "model.xml")
+    float_names = {n for names in kept.values() for n in names}
+    assert float_names <= set(quantised)  # the recorded names are ops of the shipped IR
+    assert not any(quantised[n] for n in float_names)
+    int8_ops = [n for n, q in quantised.items() if q]
+    assert len(int8_ops) >= 10  # the encoders' transformer layers are int8
+
+
+def _flip_labels(xml_path: Path) -> None:
+    """Rewrite an IR so its log-softmax input is negated: every decided label flips."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml_path))
+    flipped = ov.opset13.negative(model.output(0).get_node().input_value(0))
+    model = ov.Model([ov.opset13.log_softmax(flipped, -1)], model.get_parameters())
+    model.output(0).set_names({"log_probs"})
+    staged = Path(xml_path).with_name("broken.xml")  # never rewrite a model.bin that is mapped
+    ov.save_model(model, str(staged), compress_to_fp16=False)
+    staged.with_suffix(".bin").replace(Path(xml_path).with_suffix(".bin"))
+    staged.replace(xml_path)
+
+
+def test_a_quantisation_that_flips_labels_is_refused_with_the_figures(work, decided_checkpoint, rows, monkeypatch):
     from dmf.export import openvino as OV
 
     real = OV.quantize
 
-    def broken(onnx_path, xml_path, calibration, keep_fp32=()):
-        real(onnx_path, xml_path, calibration, keep_fp32)
-        model = ov.Core().read_model(str(xml_path))
-        out = model.output(0)
-        flipped = ov.opset13.negative(out.get_node().input_value(0))  # log-softmax input negated: labels flip
-        model = ov.Model([ov.opset13.log_softmax(flipped, -1)], model.get_parameters())
-        model.output(0).set_names({"log_probs"})
-        staged = Path(xml_path).with_name("broken.xml")  # never rewrite a model.bin that is mapped
-        ov.save_model(model, str(staged), compress_to_fp16=False)
-        staged.with_suffix(".bin").replace(Path(xml_path).with_suffix(".bin"))
-        staged.replace(xml_path)
-        return Path(xml_path)
+    def broken(onnx_path, xml_path, calibration, extra_float=()):
+        _, kept = real(onnx_path, xml_path, calibration, extra_float)
+        _flip_labels(xml_path)
+        return Path(xml_path), kept
 
     monkeypatch.setattr(OV, "quantize", broken)
     target = work / "ov-int8-broken"
@@ -140,21 +173,92 @@ def test_a_quantisation_that_flips_labels_is_refused_with_the_figures(work, deci
     assert not target.exists() and not list(work.glob(".ov-int8-broken*"))
 
 
+def test_bf16_is_gated_on_real_clips_like_int8(work, decided_checkpoint, rows, monkeypatch):
+    """bf16 carries the same accuracy gate (not a log-prob tolerance): recorded when it passes,
+    and a bf16 graph that flips labels is refused."""
+    from dmf.export import openvino as OV
+
+    held = {"held_out": rows["held_out"], "held_out_session": "synthetic"}
+    art = export_checkpoint(decided_checkpoint, work / "ov-bf16", engine="openvino", precision="bf16", calibration=held)
+    parity = load_artifact(art).meta["parity"]
+    assert parity["tolerance"] is None and parity["accuracy_gate"]["gated"]
+    assert parity["accuracy_gate"]["clips"] == GATE_CLIPS
+    real = OV.convert
+
+    def flipped(onnx_path, xml_path):
+        real(onnx_path, xml_path)
+        _flip_labels(xml_path)
+        return Path(xml_path)
+
+    monkeypatch.setattr(OV, "convert", flipped)
+    with pytest.raises(ExportError, match=r"openvino bf16 export failed (verification|the accuracy gate)"):
+        export_checkpoint(decided_checkpoint, work / "ov-bf16-broken", engine="openvino", precision="bf16",
+                          calibration=held)
+
+
+def test_the_export_refuses_to_gate_on_too_few_clips(work, decided_checkpoint, rows):
+    few = {"held_out": {k: v[:V.MIN_GATE_CLIPS - 1] for k, v in rows["held_out"].items()},
+           "calibration": rows["calibration"]}
+    with pytest.raises(ExportError, match=rf"needs at least {V.MIN_GATE_CLIPS} clips .* got {V.MIN_GATE_CLIPS - 1}"):
+        export_checkpoint(decided_checkpoint, work / "ov-few", engine="openvino", precision="int8", calibration=few)
+    assert not (work / "ov-few").exists()
+
+
+def _gate_inputs(n_decided: int, n_near: int) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 log-probs: n_decided clips with a clear label (0 or 1, alternating) and n_near near-ties
+    (top-2 margin 0.005 < NEAR_TIE_MARGIN); labels = fp32's argmax."""
+    decided = [[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]]
+    rows = [decided[i % 2] for i in range(n_decided)] + [[0.4025, 0.3975, 0.1, 0.1]] * n_near
+    fp32 = np.log(np.array(rows))
+    return fp32, fp32.argmax(-1)
+
+
 def test_accuracy_gate_maths():
-    fp32 = np.log(np.array([[0.7, 0.1, 0.1, 0.1]] * 50 + [[0.1, 0.7, 0.1, 0.1]] * 50))
-    labels = np.array([0] * 50 + [1] * 50)
+    fp32, labels = _gate_inputs(100, 0)
     assert V.accuracy_gate(fp32, fp32.copy(), labels, "x")["ua"] == pytest.approx(1.0)
     one_flip = fp32.copy()
-    one_flip[0] = fp32[60]  # 99/100 agree, UA 99.0 vs 100.0: exactly at both limits, accepted
+    one_flip[0] = fp32[1]  # 99/100 agree, UA 99.0 vs 100.0: exactly at both limits, accepted
     assert V.accuracy_gate(fp32, one_flip, labels, "x")["ua"] == pytest.approx(0.99)
     two_flips = one_flip.copy()
-    two_flips[1] = fp32[60]
-    with pytest.raises(ValueError, match=r"agreement with fp32 0\.980 < 0\.99; UA 98\.0 more than 1 point"):
+    two_flips[2] = fp32[1]
+    with pytest.raises(ValueError, match=r"agreement with fp32 0\.980 < 0\.99 \(2 of 100 decided clips flipped\); "
+                                         r"UA 98\.0 more than 1 point"):
         V.accuracy_gate(fp32, two_flips, labels, "x")
     record = V.accuracy_gate(fp32, fp32 + 0.01, None, "x")
     assert record["ua"] is None and record["argmax_agreement"] == 1.0
     with pytest.raises(ValueError, match="non-finite"):
         V.accuracy_gate(fp32, fp32 * np.nan, None, "x")
+
+
+def test_near_ties_are_reported_and_not_held_against_the_export():
+    fp32, labels = _gate_inputs(100, 10)
+    reduced = fp32.copy()
+    reduced[100:] = fp32[100:][:, [1, 0, 2, 3]]  # every near-tie flips (as bf16 alone does)
+    record = V.accuracy_gate(fp32, reduced, labels, "x")
+    assert (record["clips"], record["decided"], record["near_ties"]) == (110, 100, 10)
+    assert (record["flips"], record["near_tie_flips"], record["argmax_agreement"]) == (0, 10, 1.0)
+    assert record["raw_agreement"] == pytest.approx(100 / 110)
+    assert record["ua"] == pytest.approx(record["ua_fp32"]) and record["ua_raw"] < record["ua_fp32"]
+    reduced[0] = fp32[1]
+    reduced[2] = fp32[1]  # two decided flips: refused, and the message says the near-ties were set apart
+    with pytest.raises(ValueError, match=r"on 110 clips \(10 near-ties not counted\).*2 of 100 decided"):
+        V.accuracy_gate(fp32, reduced, labels, "x")
+
+
+def test_ua_is_judged_on_the_held_out_rows_only():
+    fp32, labels = _gate_inputs(120, 0)
+    reduced = fp32.copy()
+    reduced[100] = fp32[101]  # one flip, in a validation row: agreement 119/120 passes
+    record = V.accuracy_gate(fp32, reduced, labels, "x", labelled=np.arange(120) < 100)
+    assert record["labelled"] == 100 and record["ua"] == pytest.approx(1.0)
+    everywhere = V.accuracy_gate(fp32, reduced, labels, "x")
+    assert everywhere["labelled"] == 120 and everywhere["ua"] < 1.0
+
+
+def test_too_few_clips_refuses_to_gate():
+    fp32, labels = _gate_inputs(V.MIN_GATE_CLIPS - 1, 0)
+    with pytest.raises(ValueError, match=rf"needs at least {V.MIN_GATE_CLIPS} clips"):
+        V.accuracy_gate(fp32, fp32.copy(), labels, "x")
 
 
 def test_int8_needs_calibration_and_engines_refuse_wrong_precisions(checkpoint, work):
@@ -180,6 +284,15 @@ def test_calibration_from_a_corpus_holds_out_the_checkpoints_session(tmp_path, c
     assert len(data["calibration"]["audio"]) == 6
     held = data["held_out"]
     assert held["audio"].shape[1] == model.model_config.max_audio_samples and len(held["labels"]) == len(held["audio"])
+    # the gate's clips: the whole held-out session (UA rows) then the checkpoint's validation split,
+    # rebuilt with its own val_fraction and seed: clips it was neither trained nor calibrated on
+    from dmf.data import load_corpus
+    from dmf.data.splits import loso_split
+
+    split = loso_split(load_corpus(tmp_path / "corpus"), 2, model.config.data.val_fraction, model.config.data.seed)
+    assert len(held["audio"]) == len(split.test) + len(split.val) and len(split.val) > 0
+    assert data["ua_rows"].sum() == len(split.test) and data["ua_rows"][:len(split.test)].all()
+    assert list(data["gate_sources"].values()) == [len(split.test), len(split.val)]
     (ck / "metrics.json").write_text(json.dumps({"test_session": "Ses09"}))
     with pytest.raises(ValueError, match="Ses09"):
         corpus_data(tmp_path / "corpus", model, ck, calibration_samples=6)

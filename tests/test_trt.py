@@ -556,6 +556,11 @@ def _export_wiring(monkeypatch, plan_file, precision: str, version: str = "10.99
     return pipeline, options, cfg, seen
 
 
+def _trt_job(pipeline, tmp_path, feeds, reference, options, cfg, parity):
+    """The export job record _tensorrt takes (no real clips: reduced precisions are not gated)."""
+    return pipeline._Job(tmp_path / "fp32.onnx", tmp_path, feeds, reference, options, cfg, parity, None)
+
+
 def test_export_verifies_the_plan_through_the_runtime_engine(monkeypatch, cuda, fake_trt, plan_file, tmp_path):
     from dmf.export import ExportError
     from dmf.export.artifact import manifest
@@ -563,7 +568,7 @@ def test_export_verifies_the_plan_through_the_runtime_engine(monkeypatch, cuda, 
     trt = fake_trt(max_batch=4)
     pipeline, options, cfg, seen = _export_wiring(monkeypatch, plan_file, "fp32")
     feeds, parity = _batch(6, seed=3), {"checked_with": "onnxruntime-cpu"}
-    plan = pipeline._tensorrt(tmp_path / "fp32.onnx", tmp_path, feeds, fake_log_probs(feeds), options, cfg, parity)
+    plan = pipeline._tensorrt(_trt_job(pipeline, tmp_path, feeds, fake_log_probs(feeds), options, cfg, parity))
     assert plan == tmp_path / "model.plan" and seen["source"] == tmp_path / "fp32.onnx" and seen["max_batch"] == 4
     assert seen["input_dims"] == {n: (w,) for n, w in WIDTHS.items()}
     assert [c.batches for c in trt.plans[0].contexts] == [[4, 2, 1, 1, 1, 1, 1, 1]]  # whole (max 4), then batch 1
@@ -579,7 +584,7 @@ def test_export_verifies_the_plan_through_the_runtime_engine(monkeypatch, cuda, 
                                       max_batch=4, checkpoint=tmp_path, checkpoint_sha256="0", files={},
                                       parity={"checked_with": "onnxruntime-cpu"})
     with pytest.raises(ExportError) as err:  # a plan that disagrees with the reference is refused
-        pipeline._tensorrt(tmp_path / "fp32.onnx", tmp_path, feeds, fake_log_probs(feeds) + 1e-3, options, cfg, {})
+        pipeline._tensorrt(_trt_job(pipeline, tmp_path, feeds, fake_log_probs(feeds) + 1e-3, options, cfg, {}))
     assert _one_line(err).startswith("TensorRT fp32 export failed verification: max abs diff 1.0e-03")
 
 
@@ -589,10 +594,12 @@ def test_export_fp16_on_tensorrt_11_op_checks_the_fp16_graph(monkeypatch, cuda, 
     fake_trt(max_batch=4, version="11.1.0")
     pipeline, options, cfg, seen = _export_wiring(monkeypatch, plan_file, "fp16", version="11.1.0")
     monkeypatch.setattr(optimize, "convert_fp16", lambda src, dst: Path(dst))
-    feeds = _batch(2)
-    pipeline._tensorrt(tmp_path / "fp32.onnx", tmp_path, feeds, fake_log_probs(feeds), options, cfg, {})
+    feeds, parity = _batch(2), {}
+    pipeline._tensorrt(_trt_job(pipeline, tmp_path, feeds, fake_log_probs(feeds), options, cfg, parity))
     assert seen["source"] == tmp_path / "fp16.onnx" and seen["opcheck"] == ["fp16 graph"]
     assert seen["precision"] == "fp16"
+    # no real clips given: the plan ships, and dmf.json says in one line that it was not gated
+    assert parity["accuracy_gate"] == {"gated": False, "reason": pipeline.NOT_GATED} and parity["tolerance"] is None
 
 
 def test_make_test_gpu_stops_before_installing_without_a_cuda_device(tmp_path):
