@@ -57,5 +57,6 @@ def _tensorrt_target(parity: dict) -> dict:
 # Keys of parity.json repeated under "parity" in dmf.json.
 PARITY_SUMMARY_KEYS = ("reference", "checked_with", "samples", "max_abs_diff", "argmax_agreement",
                        "tolerance", "fp32_max_abs_diff", "fp32_argmax_agreement", "int8_agreement",
-                       "int8_agreement_samples", "int8_verify_agreement", "accuracy_gate")
+                       "int8_agreement_samples", "int8_verify_agreement", "verify_min_agreement", "accuracy_gate",
+                       "quantization")
 
