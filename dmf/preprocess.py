@@ -94,9 +94,60 @@ def header_problem(fh: IO[bytes]) -> str | None:
         for magic, forms, order, data_id, kind in _CONTAINERS:
             if len(head) == 12 and head[:4] == magic and head[8:12] in forms:
                 return _chunk_problem(fh, end, order, data_id, kind)
-        return None
+        fh.seek(start)
+        return _mpeg_problem(fh)
     finally:
         fh.seek(start)
+
+
+# MPEG audio frame headers (ISO 11172-3 / 13818-3): kbit/s by (MPEG-1?, layer) and bitrate index,
+# sample rates by version. Only used to see that a stream that starts like MPEG continues like it.
+_MPEG_KBPS = {
+    (True, 1): (0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (0, 32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (0, 32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+    (False, 3): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MPEG_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def _mpeg_frame_bytes(header: bytes) -> int | None:
+    """The length of the MPEG audio frame whose 4-byte header this is; None if it is not a valid
+    header, 0 for free-format frames (no length in the header)."""
+    if len(header) < 4 or header[0] != 0xFF or header[1] & 0xE0 != 0xE0:
+        return None
+    version, layer = (header[1] >> 3) & 3, 4 - ((header[1] >> 1) & 3)  # layer 4: reserved
+    index, rate_index, padding = header[2] >> 4, (header[2] >> 2) & 3, (header[2] >> 1) & 1
+    if version == 1 or layer == 4 or index == 15 or rate_index == 3:
+        return None
+    kbps, rate = _MPEG_KBPS[(version == 3, layer)][index], _MPEG_RATES[version][rate_index]
+    if kbps == 0:
+        return 0
+    if layer == 1:
+        return (12 * kbps * 1000 // rate + padding) * 4
+    per_frame = 144 if layer == 2 or version == 3 else 72
+    return per_frame * kbps * 1000 // rate + padding
+
+
+def _mpeg_problem(fh: IO[bytes]) -> str | None:
+    """A stream that starts as MPEG audio (an ID3v2 tag or a frame sync) must have a second frame
+    header where the first frame ends. Garbage after a sync word otherwise reaches libsndfile's
+    MPEG decoder, which prints resync notes on the process's stderr (a server's log) before
+    failing with a message about pipes."""
+    head = fh.read(10)
+    if head[:3] == b"ID3" and len(head) == 10:  # size: 4 x 7 bits, + a 10-byte footer if flagged
+        size = sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(head[6:10]))
+        fh.seek(fh.tell() - 10 + 10 + size + (10 if head[5] & 0x10 else 0))
+        head = fh.read(4)
+    frame = _mpeg_frame_bytes(head[:4])
+    if not frame:  # not MPEG here (libsndfile judges it), or free format (no length in the header)
+        return None
+    fh.seek(fh.tell() - len(head) + frame)
+    if _mpeg_frame_bytes(fh.read(4)) is None:
+        return "not readable audio (format not recognised: an MPEG frame header is not followed by another)"
+    return None
 
 
 def _chunk_problem(fh: IO[bytes], end: int, order: str, data_id: bytes, kind: str) -> str | None:

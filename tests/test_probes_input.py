@@ -314,6 +314,36 @@ def test_a_uint8_array_reads_as_its_8_bit_wav_file_does():
     np.testing.assert_array_equal(preprocess_audio(pcm, SR), preprocess_audio(buf.getvalue()))
 
 
+def _mp3(seconds: float, rate: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, tone(seconds, rate=rate), rate, format="MP3", subtype="MPEG_LAYER_III")
+    return buf.getvalue()
+
+
+ID3_TAG = b"ID3\x03\x00\x00\x00\x00\x00\x0a" + b"\x00" * 10  # an empty 10-byte ID3v2.3 tag
+MPEG_GARBAGE = {  # name -> bytes that start like MPEG audio and are not
+    "MPEG-1 sync word, then random bytes": b"\xff\xfb\x90\x64" + np.random.default_rng(1).bytes(4000),
+    "MPEG-2 sync word, then zeros": b"\xff\xf3\x88\xc4" + bytes(3000),
+    "ID3 tag, then a sync word and random bytes": ID3_TAG + b"\xff\xfb\x90\x64" + np.random.default_rng(2).bytes(3000),
+}
+
+
+@pytest.mark.parametrize("name", list(MPEG_GARBAGE))
+def test_mpeg_garbage_is_refused_without_decoder_noise_on_stderr(name, capfd):
+    capfd.readouterr()
+    with pytest.raises(AudioError, match="not readable audio \\(format not recognised"):
+        preprocess_audio(MPEG_GARBAGE[name])
+    err = capfd.readouterr().err  # what the C decoder writes to fd 2 lands here too
+    assert err == "", err
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 44100])
+@pytest.mark.parametrize("tagged", [False, True], ids=["bare", "ID3"])
+def test_a_valid_mp3_is_still_decoded(rate, tagged):
+    data, got_rate = load_audio((ID3_TAG if tagged else b"") + _mp3(1.0, rate))
+    assert got_rate == rate and abs(len(data) - rate) < rate * 0.1
+
+
 # -------------------------------------------------------------------------------- 13. transcripts
 
 NEGATIVE_TIMES = {
