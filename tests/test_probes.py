@@ -60,7 +60,7 @@ def audio_probes() -> dict[str, tuple[bytes, int, str]]:
     aiff = _aiff(tone(2.0), 16000)
     rng = np.random.default_rng(0)
     big = np.full(16000, 3e38, np.float32)
-    bad_format = (400, "not readable audio (format not recognised)")
+    bad_format = (400, "not readable audio (format not recognised")
     return {
         "empty": (b"", 400, "empty (0 bytes)"), "plain text": (b"hello, not audio\n" * 50, *bad_format),
         "random bytes": (rng.bytes(4096), *bad_format),
