@@ -81,10 +81,11 @@ _WAV_BYTE_SAMPLES = {1: (8, 16, 24, 32), 3: (32, 64), 0xFFFE: (8, 16, 24, 32, 64
 
 
 def header_problem(fh: IO[bytes]) -> str | None:
-    """What is wrong with a WAV or AIFF stream's header, or None: cut short (inside a header
+    """What is wrong with a WAV, AIFF or MPEG stream's header, or None: cut short (inside a header
     chunk, or before the end its sample chunk declares), 0 Hz or 0 channels (libsndfile says only
     "SF_INFO struct incomplete"), or a bit depth that is not a whole number of bytes (libsndfile
-    decodes 7 bits as garbage). Other formats and streaming sizes (0 / 0xFFFFFFFF) are not judged.
+    decodes 7 bits as garbage); or an MPEG stream whose first frame is not followed by another
+    (`_mpeg_problem`). Other formats and streaming sizes (0 / 0xFFFFFFFF) are not judged.
     The stream's position is restored."""
     start = fh.tell()
     try:
@@ -139,7 +140,7 @@ def _mpeg_problem(fh: IO[bytes]) -> str | None:
     head = fh.read(10)
     if head[:3] == b"ID3" and len(head) == 10:  # size: 4 x 7 bits, + a 10-byte footer if flagged
         size = sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(head[6:10]))
-        fh.seek(fh.tell() - 10 + 10 + size + (10 if head[5] & 0x10 else 0))
+        fh.seek(size + (10 if head[5] & 0x10 else 0), os.SEEK_CUR)
         head = fh.read(4)
     frame = _mpeg_frame_bytes(head[:4])
     if not frame:  # not MPEG here (libsndfile judges it), or free format (no length in the header)
