@@ -24,6 +24,11 @@ from dmf.errors import first_line
 from dmf.export import ExportError
 
 OPSET = 20  # TensorRT 10's ONNX parser accepts opset 9..20; Gelu (used by both encoders) is opset 20
+# The IR version shipped graphs are stamped with: ONNX 1.15's, the newest that carries opset 20.
+# torch and onnxruntime write IR 10 (ONNX 1.16), which onnxruntime before 1.18 refuses to load
+# (Triton's ONNX Runtime backend before 24.06); the graph uses nothing IR 10 added.
+IR_VERSION = 9
+IR10_TENSOR_TYPES = {21, 22}  # UINT4, INT4: element types IR 10 added
 TRACE_BATCH = 2  # trace with batch >= 2: a size-1 dim would be specialised to a static 1
 INPUT_NAMES = list(C.INPUT_NAMES)
 OUTPUT_NAMES = [C.OUTPUT_NAME]
@@ -132,3 +137,41 @@ def check_io(path: Path, inputs: dict[str, tuple[str, int]], outputs: dict[str, 
             gdtype, gdims = got[name]
             if gdtype != dtype or len(gdims) != 2 or not isinstance(gdims[0], str) or gdims[1] != dim:
                 raise ExportError(f"exported {kind} {name} is {gdtype}{gdims}, expected {dtype}[batch, {dim}]")
+
+
+def stamp_for_older_runtimes(path: str | Path) -> Path:
+    """Rewrite an ONNX file's header so older onnxruntime releases load it: IR version 9 (when the
+    graph uses nothing IR 10 added) and opset imports only for the domains its nodes use
+    (onnxruntime's optimiser lists every domain it knows, e.g. ai.onnx.ml 5, which older releases
+    do not have). The graph itself is not touched. Returns `path`."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    used = _domains(model)
+    keep = [o for o in model.opset_import if (o.domain or "ai.onnx") in used]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    if model.ir_version > IR_VERSION and not _uses_ir10(model):
+        model.ir_version = IR_VERSION
+    onnx.save(model, str(path))
+    return path
+
+
+def _nodes(model):
+    yield from model.graph.node
+    for function in model.functions:
+        yield from function.node
+
+
+def _domains(model) -> set[str]:
+    """Operator domains the graph's nodes use ("ai.onnx" for the default one); always ai.onnx."""
+    return {"ai.onnx"} | {n.domain or "ai.onnx" for n in _nodes(model)}
+
+
+def _uses_ir10(model) -> bool:
+    """Whether the graph uses what IR 10 added: 4-bit element types or node overloads."""
+    g = model.graph
+    types = [v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)]
+    types += [t.data_type for t in g.initializer]
+    return bool(IR10_TENSOR_TYPES & set(types)) or any(n.overload for n in _nodes(model))

@@ -20,8 +20,10 @@ and tokenizers only) and runs the preprocessing code of the dmf that exported th
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,9 +170,81 @@ def repository_configs(name: str, engine: str, inputs: list[dict], outputs: list
 
 
 # ----------------------------------------------------------------------------------- writing
+# Triton loads every folder of its repository, hidden ones included: a staging or backup folder
+# left inside it by a killed export would stop Triton at start (exit_on_error) and a polling
+# server would try to load it. So entries are built beside the repository (its parent folder,
+# same filesystem) and renamed in; a replaced entry is swapped with its new version in one atomic
+# step where the OS allows (Linux renameat2 RENAME_EXCHANGE), so a polling server never sees the
+# model missing.
+
+def staging_root(repo: Path) -> Path:
+    """The folder entries are staged in: the repository's parent, which must be on the same
+    filesystem as the repository (the rename into it is then atomic)."""
+    from dmf.export import ExportError
+
+    repo = Path(repo).absolute()
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+        same_fs = os.stat(repo).st_dev == os.stat(repo.parent).st_dev
+    except OSError as exc:
+        raise ExportError(f"cannot create the Triton repository {repo}: {exc.strerror or exc}") from None
+    if not same_fs:
+        raise ExportError(f"{repo} is a mount point ({repo.parent} is another filesystem): dmf builds each "
+                          "Triton entry beside the repository and renames it in, which needs one filesystem; "
+                          "mount the repository's parent folder instead, or write the repository elsewhere and copy it")
+    return repo.parent
+
+
+def _stage_entry(repo: Path, target: Path) -> Path:
+    """A fresh hidden folder beside `repo` to build `target` in."""
+    from dmf.export import ExportError
+
+    root = staging_root(repo)
+    try:
+        return Path(tempfile.mkdtemp(dir=root, prefix=f".{Path(repo).absolute().name}.{target.name}.tmp-"))
+    except OSError as exc:
+        raise ExportError(f"cannot stage Triton entries in {root} (beside the repository): "
+                          f"{exc.strerror or exc}") from None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic rename (Linux renameat2 RENAME_EXCHANGE); False where the
+    OS, libc or filesystem cannot, and nothing was changed."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a libc before glibc 2.28
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def commit_entry(staging: Path, target: Path) -> None:
+    """Put a fully written entry in place. An existing entry is swapped out atomically where the
+    OS allows, else moved beside the repository first (a moment without the entry); the old
+    version is deleted from beside the repository, never from inside it."""
+    if not target.exists():
+        os.replace(staging, target)
+    elif _exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the old entry
+    else:
+        old = staging.with_name(staging.name.replace(".tmp-", ".old-", 1))
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @dataclass
 class StagedRepository:
-    """Entries written into hidden sibling folders of their targets (dmf.fileio.stage_dir)."""
+    """Entries written into hidden folders beside the repository (`_stage_entry`)."""
 
     entries: list[tuple[Path, Path]]  # (staging folder, target entry folder), in commit order
 
@@ -181,11 +255,9 @@ class StagedRepository:
     def commit(self) -> None:
         """Move each entry into place, replacing an old one; the ensemble goes last, so a server
         polling the repository never loads it before its steps."""
-        from dmf.fileio import commit_dir
-
         while self.entries:
             staging, target = self.entries[0]
-            commit_dir(staging, target)
+            commit_entry(staging, target)
             self.entries.pop(0)
 
     def discard(self) -> None:
@@ -234,10 +306,9 @@ def _write_entry(folder: Path, role: str, config: dict, artifact) -> None:
 
 def stage_repository(artifact_dir: str | Path, repo: str | Path, *, name: str = "dmf",
                      bare: bool = False) -> StagedRepository:
-    """Write the Triton entries for the artifact folder `artifact_dir` into staging folders inside
-    `repo`; nothing is in place until `.commit()`. Raises ExportError (one line)."""
-    from dmf.fileio import stage_dir
-
+    """Write the Triton entries for the artifact folder `artifact_dir` into staging folders beside
+    `repo` (never inside it: Triton would load them); nothing is in place until `.commit()`.
+    Raises ExportError (one line)."""
     _check_name(name)
     artifact = _read_artifact(Path(artifact_dir), bare)
     inputs, outputs = [_as_entry(s) for s in artifact.inputs], [_as_entry(s) for s in artifact.outputs]
@@ -249,7 +320,7 @@ def stage_repository(artifact_dir: str | Path, repo: str | Path, *, name: str = 
     try:
         for role, config in configs.items():
             target = Path(repo) / config["name"]
-            staged.entries.append((stage_dir(target), target))
+            staged.entries.append((_stage_entry(Path(repo), target), target))
             _write_entry(staged.entries[-1][0], role, config, artifact)
     except BaseException:
         staged.discard()

@@ -221,6 +221,76 @@ def test_existing_entries_need_force_and_bad_input_is_one_line(rt, tmp_path):  #
     assert not (tmp_path / "other").exists() or list((tmp_path / "other").iterdir()) == []
 
 
+def _hidden(repo: Path) -> list[str]:
+    return sorted(p.name for p in repo.iterdir() if p.name.startswith("."))
+
+
+def test_a_killed_export_leaves_nothing_triton_would_load(rt, tmp_path):  # noqa: F811
+    """Staged entries live beside the repository: an export stopped before its commit leaves no
+    folder in the repository (Triton loads dot-folders too, and one half-written stops it), and a
+    failed one cleans up beside it as well."""
+    repo = tmp_path / "models"
+    staged = T.stage_repository(rt.artifact, repo)  # as if killed here, before commit or discard
+    assert list(repo.iterdir()) == []
+    assert all(staging.parent == tmp_path for staging, _ in staged.entries)
+    staged.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+    staged = T.stage_repository(rt.artifact, repo)
+    staged.commit()
+    assert sorted(p.name for p in repo.iterdir()) == ["dmf", "dmf_model", "dmf_postprocess", "dmf_preprocess"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["exchange", "fallback"])
+def test_force_swaps_each_entry_without_a_folder_in_the_repository(rt, tmp_path, monkeypatch, atomic):  # noqa: F811
+    """--force over an existing repository: with the atomic exchange no entry is ever missing
+    (nothing moves an existing entry away); without it (another OS), the old entry goes beside the
+    repository, never into it. A polling Triton sees no dot-folder either way."""
+    import os
+
+    repo = tmp_path / "models"
+    T.write_repository(rt.artifact, repo)
+    entries = {p.name for p in repo.iterdir()}
+    moved_away, seen_hidden = [], []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        if Path(src).parent == repo and Path(src).name in entries:
+            moved_away.append(Path(src).name)
+        real_replace(src, dst)
+        seen_hidden.extend(_hidden(repo))
+
+    monkeypatch.setattr(os, "replace", spy)
+    if not atomic:
+        monkeypatch.setattr(T, "_exchange", lambda a, b: False)
+    T.write_repository(rt.artifact, repo, force=True)
+    assert seen_hidden == [] and _hidden(repo) == []
+    assert {p.name for p in repo.iterdir()} == entries and sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+    if atomic and sys.platform.startswith("linux"):
+        assert moved_away == []  # renameat2 swapped each entry in one step
+    else:
+        assert sorted(moved_away) == sorted(entries)
+
+
+def test_a_repository_on_its_own_filesystem_is_refused_in_one_line(rt, tmp_path, monkeypatch):  # noqa: F811
+    import os
+
+    repo = tmp_path / "models"
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):  # the repository as a mount point: another device than its parent
+        result = real_stat(path, *args, **kwargs)
+        if Path(path) == repo:
+            return os.stat_result((*result[:2], result.st_dev + 1, *result[3:]))
+        return result
+
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(ExportError) as info:
+        T.write_repository(rt.artifact, repo)
+    assert "is a mount point" in str(info.value) and "\n" not in str(info.value)
+    assert list(repo.iterdir()) == []
+
+
 def test_export_refuses_an_existing_entry_before_building(rt, tmp_path):  # noqa: F811
     if rt.checkpoint is None:
         pytest.skip("DMF_TEST_ARTIFACT given without DMF_TEST_CHECKPOINT")
@@ -460,3 +530,17 @@ def test_preprocess_entry_runs_without_dmf_or_torch(repo, rt, predictor, tmp_pat
     got, want = np.load(tmp_path / "out.npz"), predictor.preprocess(good.read_bytes(), "hello there")
     for name in C.INPUT_NAMES:
         assert np.array_equal(got[name], want[name][None]), name
+
+
+def test_the_onnx_model_is_stamped_for_older_triton_releases(repo, rt):  # noqa: F811
+    """IR 9 (ONNX 1.15) and only the default opset 20: Triton's ONNX Runtime backend before 24.06
+    (onnxruntime < 1.18) refuses IR 10, which torch and onnxruntime write; the stamped graph still
+    answers as the runtime's."""
+    onnx = pytest.importorskip("onnx")
+    from dmf.export.onnx_export import IR_VERSION, OPSET
+
+    for path in (rt.artifact / "model.onnx", repo / "dmf_model" / "1" / "model.onnx"):
+        model = onnx.load(str(path), load_external_data=False)
+        assert model.ir_version == IR_VERSION == 9, path
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", OPSET)], path
+        onnx.checker.check_model(model)
