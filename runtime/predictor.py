@@ -22,6 +22,7 @@ from dmf.contract import AUDIO_INPUT, IDS_INPUT, MASK_INPUT
 from dmf.contract import MAX_CLIP_SECONDS as DEFAULT_MAX_SECONDS
 from dmf.contract import MAX_TEXT_CHARS as DEFAULT_MAX_TEXT_CHARS
 from dmf.contract import MIN_CLIP_SECONDS as DEFAULT_MIN_SECONDS
+from dmf.errors import first_line
 
 from .artifact import Artifact, ArtifactError, check_log_probs, load_artifact
 from .conversation import predict_conversation, read_transcript
@@ -80,7 +81,7 @@ class Predictor:
                      for s in a.inputs}  # (1, input_samples) audio, (1, max_tokens) ids and mask
             out = np.asarray(self.engine.infer(batch))
         except Exception as exc:  # EngineError or a backend's own exception type
-            raise ArtifactError(f"{a.path}: warm-up inference failed: {_first_line(exc)}") from None
+            raise ArtifactError(f"{a.path}: warm-up inference failed: {first_line(exc)}") from None
         expected = (1, len(self.labels))
         if out.shape != expected:
             raise ArtifactError(f"{a.path}: the model returns shape {out.shape} for one input: dmf.json "
@@ -153,7 +154,7 @@ class Predictor:
             except EngineError:
                 raise
             except Exception as exc:  # backend-specific exception types
-                raise EngineError(f"inference failed: {_first_line(exc)}") from None
+                raise EngineError(f"inference failed: {first_line(exc)}") from None
             if out.shape != (len(chunk), len(self.labels)):
                 raise EngineError(f"model returned shape {out.shape}: expected ({len(chunk)}, {len(self.labels)})")
             outs.append(out)
@@ -244,11 +245,6 @@ def _check_limits(min_seconds: Any, max_seconds: Any, max_text_chars: Any) -> tu
     if isinstance(max_text_chars, bool) or not isinstance(max_text_chars, (int, np.integer)) or max_text_chars < 1:
         raise ValueError(f"max_text_chars = {max_text_chars!r} is invalid: expected an integer >= 1")
     return low, high, int(max_text_chars)
-
-
-def _first_line(exc: BaseException) -> str:
-    """A backend's message cut to its first line (ORT and TensorRT write multi-line banners)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def clip_seconds(audio: Any, sample_rate: int | None = None) -> float:
