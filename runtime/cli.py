@@ -34,6 +34,7 @@ from dmf.cliutil import console, fail
 from dmf.contract import MAX_CLIP_SECONDS
 from dmf.preprocess import check_seconds
 
+from .batcher import MAX_WAIT_MS
 from .conversation import MAX_RECORDING_SECONDS
 from .server import ServeOptions
 
@@ -324,6 +325,8 @@ def serve(
                                max_queue=max_queue, grace_s=grace)
     except ValueError as exc:
         fail(exc)
+    if max_wait_ms > MAX_WAIT_MS:  # the batcher's own bound, checked before the model loads
+        fail(f"--max-wait-ms {max_wait_ms:g} is invalid: expected at most {MAX_WAIT_MS} ms")
     if not 0 < port < 65536:
         fail(f"--port {port} is invalid: expected 1..65535")
     predictor = _load_predictor(artifact, engine, providers, threads, max_audio_seconds)

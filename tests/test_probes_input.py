@@ -132,6 +132,16 @@ def test_the_batcher_refuses_a_wait_it_cannot_keep(wait):
         MicroBatcher(lambda items: items, max_wait_ms=wait)
 
 
+def test_dmf_serve_refuses_a_batch_wait_the_batcher_cannot_keep(rt, monkeypatch):
+    import dmf.runtime.server as server
+
+    def no_serve(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(server, "serve", no_serve)
+    _one_line_error(*_cli("serve", rt.artifact, "--max-wait-ms", "100000"), "--max-wait-ms 100000 is invalid")
+
+
 @pytest.mark.parametrize("args", [(), ("clip.wav",), ("clip.wav", "x", 16000, "extra")], ids=len)
 def test_submit_with_the_wrong_arguments_raises_input_error_at_once(predictor, args):
     with MicroBatcher(predictor) as batcher:
