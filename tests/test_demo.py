@@ -20,14 +20,15 @@ from dmf.config import preset
 from dmf.export import ExportError
 from dmf.model import DMFModel
 
-REFUSAL = ("openvino int8 export failed the accuracy gate on 80 held-out samples: "
-           "argmax agreement with fp32 0.950 < 0.99")
+REFUSAL = ("openvino int8 export failed the accuracy gate on 112 clips (2 near-ties not counted): "
+           "argmax agreement with fp32 0.945 < 0.99 (6 of 110 decided clips flipped)")
 
 
 def test_demo_engines_are_bench_engines():
     assert set(D.BENCH_ENGINES) <= set(ENGINES)
     assert all(name in ARTIFACT_ENGINES for names in D.EXPORTS.values() for name in names)
-    assert set(D.REDUCED) | {"onnx"} == set(D.EXPORTS["memory"])  # fp32 first, then the gated ones
+    for names in D.EXPORTS.values():  # fp32 first, then the gated ones; both fusions get the fast CPU engines
+        assert names[0] == "onnx" and set(D.REDUCED) | {"onnx"} == set(names)
 
 
 def test_export_reports_a_refused_reduced_precision_and_goes_on(monkeypatch, tmp_path):
@@ -68,10 +69,13 @@ def summary(tmp_path_factory) -> dict:
                                    head=False, timing=TimingOptions(warmup=1, min_runs=3, min_seconds=0.0)))
     fold = {"wa": 0.7, "ua": 0.71, "macro_f1": 0.69, "weighted_f1": 0.7, "train_utterances_per_s": 100.0}
     memory = {"onnx": {"max_abs_diff": 5.7e-6, "argmax_agreement": 1.0},
-              "onnx-int8": {"int8_agreement": 1.0, "accuracy_gate": {"argmax_agreement": 1.0}},
-              "openvino-bf16": {"accuracy_gate": {"argmax_agreement": 0.9875, "ua_fp32": 0.7, "ua": 0.69}},
+              "onnx-int8": {"int8_agreement": 1.0, "accuracy_gate": {"gated": False, "reason": "not gated: ..."}},
+              "openvino-bf16": {"accuracy_gate": {"gated": True, "clips": 112, "argmax_agreement": 0.991,
+                                                  "flips": 1, "near_tie_flips": 2, "ua_fp32": 0.7, "ua": 0.69}},
               "openvino-int8": {"refused": REFUSAL}}
-    naive = {k: memory[k] for k in ("onnx", "onnx-int8")}
+    naive = dict(memory, **{"openvino-int8": {"accuracy_gate": {
+        "gated": True, "clips": 112, "argmax_agreement": 1.0, "flips": 0, "near_tie_flips": 0, "ua_fp32": 0.6,
+        "ua": 0.6}}})
     return {"corpus": str(work / "corpus"), "utterances": 400, "bench": bench,
             "models": {"memory": {"fold1": fold, "exports": memory}, "naive": {"fold1": fold, "exports": naive}},
             "predictions": [{"id": "Ses01F_x", "text": "so sad", "true": "sad", "predicted": "sad", "confidence": 0.8}]}
@@ -83,10 +87,11 @@ def test_summary_files_show_every_export_and_the_cpu_line(summary, tmp_path):
         "refused": REFUSAL}
     md = (tmp_path / "demo.md").read_text()
     assert "| memory | 0.700 | 0.710 | 0.690 |" in md and "| naive | 0.700 | 0.710 | 0.690 |" in md
-    assert "| memory | onnx | torch | 1.000 | - | 5.7e-06 |" in md
-    assert "| memory | openvino-bf16 | fp32, held out | 0.988 | 0.700 -> 0.690 | - |" in md
-    assert "| memory | openvino-int8 | fp32, held out | refused | - | - |" in md
-    assert "| naive | onnx-int8 | fp32, held out | 1.000 | - | - |" in md and "| naive | openvino" not in md
+    assert "| memory | onnx | torch | 1.000 | - | - | 5.7e-06 |" in md
+    assert "| memory | openvino-bf16 | fp32, 112 clips | 0.991 | 1 (2) | 0.700 -> 0.690 | - |" in md
+    assert "| memory | openvino-int8 | fp32, real clips | refused | - | - | - |" in md
+    assert "| memory | onnx-int8 | not gated | - | - | - | - |" in md
+    assert "| naive | openvino-int8 | fp32, 112 clips | 1.000 | 0 (0) | 0.600 -> 0.600 | - |" in md
     assert f"memory openvino-int8 refused: {REFUSAL}" in md
     assert summary["bench"]["machine"]["cpu_line"] in md and "## dmf bench" in md and "xpaper" not in md
     assert "onnx (memory): no onnx artifact given" in md
@@ -115,3 +120,11 @@ def test_demo_bad_option_is_one_line_error(tmp_path):
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines()[-1].startswith("error:") and "too few" in result.output
     assert "Traceback" not in result.output and not Path(tmp_path / "demo" / "demo.json").exists()
+
+
+def test_demo_writes_the_bench_plot_beside_its_summary(summary, tmp_path):
+    said = []
+    D._plot(summary["bench"], tmp_path / "bench.png", said.append)
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and said == [f"plot: {tmp_path / 'bench.png'}"]
+    D._plot({"rows": []}, tmp_path / "empty.png", said.append)  # nothing timed: no empty plot
+    assert not (tmp_path / "empty.png").exists()
