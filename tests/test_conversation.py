@@ -237,6 +237,19 @@ def test_cli_conversation_writes_turns_plot_and_summary(call, rt, predictor, tmp
     assert len([line for line in output.splitlines() if "Alice" in line and "." in line]) >= 3  # turns on stdout
 
 
+@pytest.mark.parametrize("name", ["turns.csv", "turns.jsonl", "turns.ndjson"])
+def test_cli_conversation_takes_every_output_type_a_manifest_takes(call, rt, tmp_path, name):
+    """One table of output types for both commands: --transcript once refused .ndjson."""
+    root, segs = call
+    code, output = _invoke("predict", rt.artifact, "--audio", root / "call.wav", "--transcript", root / "call.json",
+                           "--out", tmp_path / name, "--threads", 1, "--no-progress")
+    assert code == 0, output
+    lines = (tmp_path / name).read_text().splitlines()
+    assert len(lines) == len(segs) + (name.endswith(".csv"))
+    if not name.endswith(".csv"):
+        assert [json.loads(line)["text"] for line in lines] == [s.text for s in segs]
+
+
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_cli_bad_transcripts_exit_2_and_write_nothing(call, rt, tmp_path, case):
     root, _ = call
