@@ -290,8 +290,9 @@ def predict_conversation(predictor: Scorer, audio: Any, segments: Sequence[Segme
                          max_seconds: float | None = MAX_RECORDING_SECONDS, batch_size: int | None = None,
                          progress: Callable[[int], None] | None = None) -> Conversation:
     """audio: a path, bytes or a seekable binary file. One prediction per segment (see the module
-    docstring); `progress(n)` is called as segments finish. `batch_size` segments (default and cap:
-    the predictor's max_batch) are held at once: memory follows it, not the recording's length.
+    docstring); `progress(n)` is called as segments finish. `batch_size` (default and cap: the
+    predictor's max_batch) windows are prepared and scored at a time: memory follows it, not the
+    recording's or a segment's length. `segments`: `Segment`s or JSON-style dicts (`as_segments`).
     Raises TranscriptError for a bad transcript and AudioError / TextError / ResultError (prefixed
     with the segment) for bad audio, text or scores."""
     if policy not in POLICIES:
