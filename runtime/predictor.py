@@ -15,8 +15,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import soundfile as sf
 
-from dmf.preprocess import (AudioError, TextEncoder, TextError, check_seconds, open_binary, preprocess_audio,
-                            validate_text)
+from dmf.preprocess import (AudioError, TextEncoder, TextError, check_seconds, header_problem, open_binary,
+                            preprocess_audio, validate_text)
 
 from dmf.contract import AUDIO_INPUT, IDS_INPUT, MASK_INPUT
 from dmf.contract import MAX_CLIP_SECONDS as DEFAULT_MAX_SECONDS
@@ -272,6 +272,10 @@ def clip_seconds(audio: Any, sample_rate: int | None = None) -> float:
 
 
 def _header_seconds(fh: Any) -> float:
+    """0.0 for a header `preprocess` will refuse: libsndfile is not shown what the header checks
+    catch (a cut AIFF makes it seek before the start; MPEG garbage makes its decoder print on stderr)."""
+    if header_problem(fh):
+        return 0.0
     with sf.SoundFile(fh) as snd:
         return snd.frames / snd.samplerate
 

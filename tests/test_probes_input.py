@@ -339,10 +339,12 @@ MPEG_GARBAGE = {  # name -> bytes that start like MPEG audio and are not
 
 
 @pytest.mark.parametrize("name", list(MPEG_GARBAGE))
-def test_mpeg_garbage_is_refused_without_decoder_noise_on_stderr(name, capfd):
+@pytest.mark.parametrize("through", ["preprocess_audio", "Predictor.predict"])
+def test_mpeg_garbage_is_refused_without_decoder_noise_on_stderr(name, through, predictor, capfd):
+    call = preprocess_audio if through == "preprocess_audio" else lambda data: predictor.predict(data, "hello")
     capfd.readouterr()
     with pytest.raises(AudioError, match="not readable audio \\(format not recognised"):
-        preprocess_audio(MPEG_GARBAGE[name])
+        call(MPEG_GARBAGE[name])
     err = capfd.readouterr().err  # what the C decoder writes to fd 2 lands here too
     assert err == "", err
 
