@@ -126,8 +126,6 @@ def read_transcript(source: str | Path | bytes, name: str | None = None) -> list
     try:
         raw = source if isinstance(source, bytes) else _read_regular_file(Path(source))
         text = raw.decode("utf-8-sig")
-    except ValueError as exc:  # a NUL in the path
-        raise TranscriptError(f"{name!r}: cannot read transcript: {exc}") from None
     except OSError as exc:
         raise TranscriptError(f"{name}: cannot read transcript: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
@@ -141,6 +139,8 @@ def read_transcript(source: str | Path | bytes, name: str | None = None) -> list
 def _read_regular_file(path: Path) -> bytes:
     """The bytes of a regular file; a FIFO (its open would block with no writer) or a device
     (/dev/zero never ends) is refused from its opened, non-blocking descriptor."""
+    if "\0" in str(path):
+        raise TranscriptError(f"{str(path)!r}: the path contains a NUL character")
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as fh:
         mode = os.fstat(fd).st_mode
