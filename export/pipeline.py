@@ -443,9 +443,6 @@ def _write(staging: Path, model, checkpoint: Path, model_file: Path, parity: dic
     if options.engine == "onnx":  # header only (IR 9, used opsets): onnxruntime before 1.18 / Triton before 24.06 load it
         from dmf.export.onnx_export import stamp_for_older_runtimes
         stamp_for_older_runtimes(staging / name)
-    if options.engine == "onnx":  # header only (IR 9, used opsets): onnxruntime before 1.18 / Triton before 24.06 load it
-        from dmf.export.onnx_export import stamp_for_older_runtimes
-        stamp_for_older_runtimes(staging / name)
     if options.engine == "openvino":  # the IR's weights, written beside model.xml
         shutil.copyfile(model_file.with_name(C.OPENVINO_WEIGHTS_FILE), staging / C.OPENVINO_WEIGHTS_FILE)
     tokenizer_src = checkpoint / C.TOKENIZER_FILE
