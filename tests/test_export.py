@@ -533,7 +533,7 @@ def _figure(msg: str, pattern: str) -> float:
 def test_fp32_gate_refuses_a_perturbed_initializer(tmp_path, checkpoints, monkeypatch):
     _damage(monkeypatch, "optimize_offline", _nudge_last_bias(1e-3))
     msg = _refused(tmp_path, checkpoints["naive"])
-    assert msg.startswith("export failed verification: max abs diff ") and "> 1e-04" in msg, msg
+    assert msg.startswith("export failed verification: max abs diff ") and "> 3e-04" in msg, msg
     # the figure is the damage, measured: a 1e-3 nudge of one logit moves log-probs by 5e-4..1e-3
     assert 4.9e-4 <= _figure(msg, r"max abs diff (\S+) >") <= 1.01e-3, msg
 
