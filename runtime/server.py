@@ -555,34 +555,83 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None):
 REFUSED_HEADER_TIMEOUT_S = 1.0  # a connection refused at the cap gets this long to send the request its 503 answers
 
 
-def _protocol(opts: ServeOptions, metrics: ServerMetrics):
-    """uvicorn's h11 protocol with a header deadline, a connection cap that sheds idle keep-alive
-    connections first, and JSON answers to malformed or oversized request heads.
+def _head_error(too_long: bool) -> tuple[int, bytes]:
+    """(status, raw HTTP response) for a request head h11 refused: 431 over MAX_HEADER_BYTES, else 400."""
+    status = 431 if too_long else 400
+    message = (f"request line and headers are over the {MAX_HEADER_BYTES} byte limit" if too_long
+               else "malformed HTTP request")
+    body = json.dumps({"error": message}).encode()
+    head = (f"HTTP/1.1 {status} {'Request Header Fields Too Large' if too_long else 'Bad Request'}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    return status, head.encode() + body
 
-    Header deadline: a connection must deliver each request's complete headers within
-    `header_timeout_s` of opening or of its first byte after the previous response; else it is
-    closed. (uvicorn alone waits for ever on a client that sends nothing, or a header byte a
-    second; its keep-alive timer only covers idle time after a response.)
 
-    Connection cap: uvicorn's own limit (limit_concurrency) counts idle keep-alive connections,
-    so clients that keep a connection open after their request fill it and every new client,
-    liveness probes included, gets 503 while the server has nothing to do. Instead, when a new
-    connection takes the count past `max_connections`, the connections idle longest between
-    requests are closed (an idle keep-alive connection may be closed at any time, RFC 9112 9.8;
-    clients reconnect). Only when no connection is idle does the new one get 503 for its request,
-    and it is closed. Work is limited by the app (max_queue), not by counting connections."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+def _make_room(new, connections, cap: int) -> bool:
+    """Close the longest-idle connections until `new` fits under `cap` open connections; False if
+    it cannot (every other connection is busy)."""
+    open_now = [c for c in connections if not c.transport.is_closing()]
+    excess = len(open_now) - cap
+    if excess <= 0:
+        return True
+    idle = sorted((c for c in open_now if c is not new and getattr(c, "_idle_since", None) is not None),
+                  key=lambda c: c._idle_since)
+    for conn in idle[:excess]:
+        conn._shed()
+    return len(idle) >= excess
 
-    cap, header_timeout_s = opts.max_connections, opts.header_timeout_s
 
+# The protocol dmf serve runs under uvicorn (_protocol):
+# Header deadline: a connection must deliver each request's complete headers within
+# `header_timeout_s` of opening or of its first byte after the previous response; else it is
+# closed. (uvicorn alone waits for ever on a client that sends nothing, or a header byte a second;
+# its keep-alive timer only covers idle time after a response.)
+# Connection cap: uvicorn's own limit (limit_concurrency) counts idle keep-alive connections, so
+# clients that keep a connection open after their request fill it and every new client, liveness
+# probes included, gets 503 while the server has nothing to do. Instead, when a new connection
+# takes the count past `max_connections`, the connections idle longest between requests are closed
+# (an idle keep-alive connection may be closed at any time, RFC 9112 9.8; clients reconnect). Only
+# when no connection is idle does the new one get 503 for its request, and it is closed. Work is
+# limited by the app (max_queue), not by counting connections.
+
+
+class _HeaderDeadline:
+    """The header-deadline timer, mixed into the h11 protocol (uses its loop, cycle, transport)."""
+
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def _arm(self, seconds: float) -> None:
+        self._header_timer = self.loop.call_later(seconds, self._headers_late)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+
+def _at_capacity_app(cap: int, metrics: ServerMetrics):
+    """The ASGI app a connection refused at the cap runs: 503 JSON, then the connection closes."""
     async def at_capacity(scope, receive, send) -> None:
         metrics.record(503, 0.0)
         reply = _json(503, {"error": f"server at its limit of {cap} open connections, none idle; retry later"})
         reply.headers["connection"] = "close"
         await reply(scope, receive, send)
+    return at_capacity
 
-    class DMFProtocol(H11Protocol):
-        _header_timer: asyncio.TimerHandle | None = None
+
+def _protocol(opts: ServeOptions, metrics: ServerMetrics):
+    """uvicorn's h11 protocol with a header deadline, a connection cap that sheds idle keep-alive
+    connections first, and JSON answers to malformed or oversized request heads (see above)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    cap, header_timeout_s = opts.max_connections, opts.header_timeout_s
+    at_capacity = _at_capacity_app(cap, metrics)
+
+    class DMFProtocol(_HeaderDeadline, H11Protocol):
         _idle_since: float | None = None  # set while idle between requests (after a response)
 
         def connection_made(self, transport) -> None:
@@ -612,47 +661,18 @@ def _protocol(opts: ServeOptions, metrics: ServerMetrics):
         def send_400_response(self, msg: str) -> None:
             """h11 refused the request head: 431 when its buffer of incomplete headers outgrew
             MAX_HEADER_BYTES, else 400; JSON like every other error, and the connection closes."""
-            too_long = len(self.conn.trailing_data[0]) > MAX_HEADER_BYTES
-            status = 431 if too_long else 400
-            message = (f"request line and headers are over the {MAX_HEADER_BYTES} byte limit" if too_long
-                       else "malformed HTTP request")
-            body = json.dumps({"error": message}).encode()
-            head = (f"HTTP/1.1 {status} {'Request Header Fields Too Large' if too_long else 'Bad Request'}\r\n"
-                    f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n")
+            status, raw = _head_error(len(self.conn.trailing_data[0]) > MAX_HEADER_BYTES)
             metrics.record(status, 0.0)
-            self.transport.write(head.encode() + body)
+            self.transport.write(raw)
             self.transport.close()
 
         def _make_room(self) -> bool:
-            """Close the longest-idle connections until this one fits under the cap; False if it
-            cannot (every other connection is busy)."""
-            open_now = [c for c in self.connections if not c.transport.is_closing()]
-            excess = len(open_now) - cap
-            if excess <= 0:
-                return True
-            idle = sorted((c for c in open_now if c is not self and getattr(c, "_idle_since", None) is not None),
-                          key=lambda c: c._idle_since)
-            for conn in idle[:excess]:
-                conn._shed()
-            return len(idle) >= excess
+            return _make_room(self, self.connections, cap)
 
         def _shed(self) -> None:
             self._idle_since = None
             self._unset_keepalive_if_required()
             self.timeout_keep_alive_handler()  # h11's close of an idle connection
-
-        def _arm(self, seconds: float) -> None:
-            self._header_timer = self.loop.call_later(seconds, self._headers_late)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _headers_late(self) -> None:
-            self._header_timer = None
-            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
-                self.transport.close()
 
     return DMFProtocol
 
