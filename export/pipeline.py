@@ -186,13 +186,11 @@ def _check_gate_clips(data: dict | None, options: ExportOptions) -> None:
     """Too few clips to gate on: refused before the long steps (export, calibration), with the count."""
     if data is None or data.get("held_out") is None:
         return
-    clips = len(data["held_out"][C.AUDIO_INPUT])
-    if clips < V.MIN_GATE_CLIPS:
-        sources = ", ".join(f"{k}: {v}" for k, v in (data.get("gate_sources") or {}).items())
-        raise ExportError(f"{options.engine} {options.precision} export: the accuracy gate needs at least "
-                          f"{V.MIN_GATE_CLIPS} clips to resolve a {V.MIN_AGREEMENT:.0%} agreement bar, got {clips}"
-                          + (f" ({sources})" if sources else "") + ": give a larger corpus (--calibration) "
-                          "or more clips (--agreement-data)")
+    try:
+        V.check_gate_clips(len(data["held_out"][C.AUDIO_INPUT]), f"{options.engine} {options.precision} export",
+                           data.get("gate_sources"))
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _check_agreement_shapes(data: dict, cfg) -> None:
@@ -310,7 +308,11 @@ def _accuracy_gate(job: _Job, reduced, what: str) -> None:
     if _has_gate_data(job):
         _held_out_gate(job, reduced, what)
     else:
-        job.parity.update(accuracy_gate={"gated": False, "reason": NOT_GATED})
+        _not_gated(job)
+
+
+def _not_gated(job: _Job) -> None:
+    job.parity.update(accuracy_gate={"gated": False, "reason": NOT_GATED})
 
 
 def _check_parity(job: _Job, vs_torch, kind: str, what: str) -> None:
@@ -425,7 +427,7 @@ def _tensorrt(job: _Job) -> Path:
     if options.precision == "fp32":
         return plan
     if not _has_gate_data(job):
-        job.parity.update(accuracy_gate={"gated": False, "reason": NOT_GATED})
+        _not_gated(job)
         return plan
     engine = V.open_graph("trt", plan, cfg, options.precision)
     try:

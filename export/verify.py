@@ -23,11 +23,9 @@ NEAR_TIE_MARGIN = 0.02  # ... a clip whose fp32 top-2 probabilities are closer t
 #   its flips are reported apart and not held against the export (bf16 alone flips such clips)
 MAX_UA_DROP = 0.01  # UA on the held-out session at most 1 point below fp32's (near-ties judged as fp32)
 MIN_GATE_CLIPS = 100  # fewer clips cannot resolve a 99 % bar (one flip of 80 is 98.75 %): refused
-INT8_MIN_AGREEMENT = MIN_AGREEMENT  # the name dmf.json's older int8 keys were documented under
 # On the few synthetic verify inputs (noise; a random-init model's log-probs are nearly flat) a reduced
 # precision may flip near-ties; this only catches a broken graph (which lands near chance, 1/num_labels).
 MIN_VERIFY_AGREEMENT = 0.75
-INT8_MIN_VERIFY_AGREEMENT = MIN_VERIFY_AGREEMENT
 VERIFY_SEED = 1234
 
 
@@ -168,6 +166,16 @@ def top2_margin(log_probs: np.ndarray) -> np.ndarray:
     return top[:, 1] - top[:, 0]
 
 
+def check_gate_clips(clips: int, what: str, sources: dict | None = None) -> None:
+    """ValueError (one line, with the count per source) when there are too few clips to gate on."""
+    if clips >= MIN_GATE_CLIPS:
+        return
+    where = ", ".join(f"{k}: {v}" for k, v in (sources or {}).items())
+    raise ValueError(f"{what}: the accuracy gate needs at least {MIN_GATE_CLIPS} clips to resolve a "
+                     f"{MIN_AGREEMENT:.0%} agreement bar, got {clips}" + (f" ({where})" if where else "")
+                     + ": give a larger corpus (--calibration) or more clips (--agreement-data)")
+
+
 def accuracy_gate(fp32: np.ndarray, reduced: np.ndarray, labels: np.ndarray | None, what: str,
                   labelled: np.ndarray | None = None) -> dict:
     """The accuracy gate of a reduced-precision graph on real clips: (N, C) log-probs of the fp32
@@ -179,10 +187,7 @@ def accuracy_gate(fp32: np.ndarray, reduced: np.ndarray, labels: np.ndarray | No
     - UA over the labelled clips, near-ties taking fp32's label, is at most MAX_UA_DROP below fp32's.
     Returns the record dmf.json keeps; raises ValueError (one line, with the figures) otherwise."""
     n = len(fp32)
-    if n < MIN_GATE_CLIPS:
-        raise ValueError(f"{what}: the accuracy gate needs at least {MIN_GATE_CLIPS} clips to resolve a "
-                         f"{MIN_AGREEMENT:.0%} agreement bar, got {n}: give a larger corpus (--calibration) "
-                         "or more clips (--agreement-data)")
+    check_gate_clips(n, what)
     if not np.isfinite(reduced).all():
         raise ValueError(f"{what} failed the accuracy gate on {n} clips: non-finite log-probs")
     near = top2_margin(fp32) < NEAR_TIE_MARGIN
