@@ -44,11 +44,10 @@ def convert(onnx_path: str | Path, xml_path: str | Path) -> Path:
     return Path(xml_path)
 
 
-def quantize(onnx_path: str | Path, xml_path: str | Path, calibration: dict[str, np.ndarray],
-             extra_float: tuple[str, ...] = ()) -> tuple[Path, dict[str, list[str]]]:
+def quantize(onnx_path: str | Path, xml_path: str | Path, calibration: dict[str, np.ndarray]) -> tuple[Path, dict[str, list[str]]]:
     """Mixed static int8 calibrated on `calibration` (N rows, one per clip): SmoothQuant off, the
-    groups of `float_ops` (and the op names `extra_float`) left float, every other Conv / MatMul
-    int8. Returns (xml_path, {group: op names left float})."""
+    groups of `float_ops` left float, every other Conv / MatMul int8. Returns (xml_path, {group:
+    op names left float})."""
     import nncf
     import openvino as ov
     from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
@@ -56,8 +55,6 @@ def quantize(onnx_path: str | Path, xml_path: str | Path, calibration: dict[str,
 
     model = ov.convert_model(str(onnx_path))
     kept = float_ops(model)
-    if extra_float:
-        kept["extra"] = sorted(extra_float)
     rows = [{k: calibration[k][i:i + 1] for k in INPUT_NAMES} for i in range(len(calibration[INPUT_NAMES[0]]))]
     no_smooth_quant = AdvancedQuantizationParameters(
         smooth_quant_alphas=AdvancedSmoothQuantParameters(convolution=-1, matmul=-1))

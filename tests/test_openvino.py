@@ -159,8 +159,8 @@ def test_a_quantisation_that_flips_labels_is_refused_with_the_figures(work, deci
 
     real = OV.quantize
 
-    def broken(onnx_path, xml_path, calibration, extra_float=()):
-        _, kept = real(onnx_path, xml_path, calibration, extra_float)
+    def broken(onnx_path, xml_path, calibration):
+        _, kept = real(onnx_path, xml_path, calibration)
         _flip_labels(xml_path)
         return Path(xml_path), kept
 
