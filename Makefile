@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[train,serve,dev]"
+	$(BIN)/pip install -q -e ".[train,serve,dev,live]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -55,7 +55,7 @@ $(GPU_STAMP): pyproject.toml
 	test -x $(GPU_BIN)/python || $(PY) -m venv $(GPU_VENV)
 	$(GPU_BIN)/pip install -q --upgrade pip
 	$(GPU_BIN)/pip install -q $(TORCH)
-	$(GPU_BIN)/pip install -q -e ".[train,serve,dev,trt,gpu]"
+	$(GPU_BIN)/pip install -q -e ".[train,serve,dev,live,trt,gpu]"
 	$(GPU_BIN)/pip uninstall -q -y onnxruntime
 	$(GPU_BIN)/pip install -q --force-reinstall --no-deps \
 		"onnxruntime-gpu==$$($(GPU_BIN)/python -c 'from importlib.metadata import version; print(version("onnxruntime-gpu"))')"
