@@ -58,6 +58,8 @@ from .conversation import MAX_RECORDING_SECONDS, POLICIES, TranscriptError, read
 from .batcher import BatcherClosed, MicroBatcher, Overloaded
 from .engine import EngineError
 from .predictor import InputError, Predictor, ResultError
+from .stream import mount as mount_stream
+from .stream import ws_protocol
 
 log = logging.getLogger("dmf.runtime.server")
 
@@ -86,9 +88,16 @@ class ServeOptions:
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 256  # open connections; past it the longest-idle keep-alive ones are closed
     max_segments: int = MAX_SEGMENTS  # /v1/conversation: more transcript segments than this is a 413
+    # /v1/stream (dmf.runtime.stream; close codes in docs/stream.md)
+    max_streams: int = 32  # streams open at once; one more is closed with 1013
+    max_stream_seconds: float = 4 * 3600.0  # audio per stream; past it the stream is scored and closed 4413
+    max_frame_bytes: int = 256 * 1024  # one WebSocket message; a bigger one closes the stream with 1009
+    stream_idle_s: float = 30.0  # a stream that sends nothing this long is closed 4408
+    max_unsent_events: int = 256  # events a client has not read; one more closes the stream 4429
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "workers", "max_connections", "max_segments"):
+        for name in ("max_batch", "max_queue", "workers", "max_connections", "max_segments", "max_streams",
+                     "max_frame_bytes", "max_unsent_events"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} = {value!r} is invalid: expected an integer >= 1")
@@ -97,7 +106,7 @@ class ServeOptions:
             if not _finite(getattr(self, name)) or not getattr(self, name) >= 0:
                 raise ValueError(f"{name} = {getattr(self, name)!r} is invalid: expected a finite number >= 0")
         for name in ("max_upload_mb", "max_audio_seconds", "max_recording_seconds", "request_timeout_s", "header_timeout_s",
-                     "keep_alive_s"):
+                     "keep_alive_s", "max_stream_seconds", "stream_idle_s"):
             if not _finite(getattr(self, name)) or not getattr(self, name) > 0:
                 raise ValueError(f"{name} = {getattr(self, name)!r} is invalid: expected a finite number > 0")
 
@@ -445,7 +454,7 @@ async def metrics_route(request):
     if fmt != "json":
         return _json(400, {"error": f"format {fmt!r} is invalid: expected json or prometheus"})
     return _json(200, {**server, "queue_depth": state.batcher.queue_depth(), "batcher": batch,
-                       "options": asdict(state.options)})
+                       "streams": state.streams.snapshot(), "options": asdict(state.options)})
 
 
 # (method, path, handler): add a route here; handlers take the request and read app.state.
@@ -526,8 +535,8 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None):
     opts = options or ServeOptions()
     metrics = ServerMetrics()
 
-    def preprocess(audio, text):
-        return predictor.preprocess(audio, text, min_seconds=opts.min_audio_seconds,
+    def preprocess(audio, text, sample_rate=None):  # a rate for /v1/stream's 16 kHz arrays
+        return predictor.preprocess(audio, text, sample_rate, min_seconds=opts.min_audio_seconds,
                                     max_seconds=opts.max_audio_seconds)
 
     batcher = MicroBatcher(predictor, max_batch=opts.max_batch, max_wait_ms=opts.max_wait_ms,
@@ -547,6 +556,7 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None):
                     middleware=[Middleware(HeaderLimit, metrics=metrics)])
     app.state.predictor, app.state.batcher, app.state.options = predictor, batcher, opts
     app.state.metrics, app.state.shutdown = metrics, Shutdown()
+    mount_stream(app)  # /v1/stream and the /live page
     return app
 
 
@@ -609,6 +619,8 @@ class _HeaderDeadline:
 
     def _headers_late(self) -> None:
         self._header_timer = None
+        if self.transport.get_protocol() is not self:  # upgraded to a WebSocket, which has its own deadlines
+            return
         if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
             self.transport.close()
 
@@ -621,6 +633,13 @@ def _at_capacity_app(cap: int, metrics: ServerMetrics):
         reply.headers["connection"] = "close"
         await reply(scope, receive, send)
     return at_capacity
+
+
+def _capacity_reply(cap: int) -> bytes:
+    """The raw 503 a WebSocket handshake refused at the connection cap gets."""
+    body = json.dumps({"error": f"server at its limit of {cap} open connections, none idle; retry later"}).encode()
+    return (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode() + body
 
 
 def _protocol(opts: ServeOptions, metrics: ServerMetrics):
@@ -657,6 +676,15 @@ def _protocol(opts: ServeOptions, metrics: ServerMetrics):
         def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)
+
+        def handle_websocket_upgrade(self, event) -> None:
+            """A WebSocket handshake on a connection refused at the cap gets the 503 (not the upgrade)."""
+            if self.app is at_capacity:
+                metrics.record(503, 0.0)
+                self.transport.write(_capacity_reply(cap))
+                self.transport.close()
+                return
+            super().handle_websocket_upgrade(event)
 
         def send_400_response(self, msg: str) -> None:
             """h11 refused the request head: 431 when its buffer of incomplete headers outgrew
@@ -696,6 +724,7 @@ def serve(predictor: Predictor, options: ServeOptions | None = None, host: str =
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             http=_protocol(opts, app.state.metrics),  # header deadline, connection cap
                             timeout_keep_alive=opts.keep_alive_s, limit_concurrency=None,
+                            ws=ws_protocol(), ws_max_size=opts.max_frame_bytes + 1, ws_per_message_deflate=False,
                             timeout_graceful_shutdown=opts.grace_s + SHUTDOWN_FLUSH_S,
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     try:
