@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 
 import typer
 
-from dmf import __version__
+from dmf import __version__, install_hint
 
 app = typer.Typer(
     name="dmf",
@@ -29,8 +30,15 @@ COMMAND_MODULES = (
     "dmf.train.cli",
     "dmf.export.cli",
     "dmf.runtime.cli",
+    "dmf.runtime.live_cli",
+    "dmf.runtime.evaluate_cli",
     "dmf.bench.cli",
 )
+
+# Modules of the `train` extra. A command that needs one (train, export, demo, bench --preset) on a
+# runtime-only install ends in a one-line hint instead of a traceback; the commands import them
+# late, so this is caught where the command runs, not guessed from its name.
+TRAIN_EXTRA_MODULES = ("torch", "transformers", "safetensors", "onnx", "onnxscript", "nncf")
 
 
 def _version(value: bool) -> None:
@@ -57,7 +65,18 @@ _register_all()
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        from dmf.cliutil import fail
+
+        command = next((f"`dmf {a}`" for a in sys.argv[1:] if not a.startswith("-")), "this command")
+        try:
+            fail(f"{command} needs the [train] extra (no module named {exc.name!r}): {install_hint('train')}")
+        except typer.Exit as stop:  # outside the app, so exit as typer would have
+            raise SystemExit(stop.exit_code) from None
 
 
 if __name__ == "__main__":
