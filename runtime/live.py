@@ -30,10 +30,13 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from dmf import install_hint
+
+from .conversation import Segment
 from .prediction import Prediction
 
 RATE = 16000  # Hz: what the VAD and `score` get
@@ -42,6 +45,7 @@ SUB_FRAMES = 3  # webrtcvad decides per 10 ms; the frame's probability is their 
 SAMPLE_FORMATS = {"int16": np.dtype("<i2"), "float32": np.dtype("<f4")}
 EMPTY_TEXT_POLICIES = ("placeholder", "skip")
 MAX_CHANNELS = 64  # as dmf.preprocess accepts for files
+MIN_OVERLAP_S = 0.05  # s: a transcript segment gives its text to an utterance it overlaps by this much
 MAX_STREAM_RATE = 384000  # Hz, the highest rate soxr's presets are measured for in dmf.preprocess
 
 
@@ -169,8 +173,7 @@ class WebrtcVad:
         try:
             import webrtcvad
         except ImportError:
-            raise ImportError("live sessions need webrtcvad: pip install 'dmf-ser[live]' "
-                              "(the webrtcvad-wheels package)") from None
+            raise ImportError(f"live sessions need webrtcvad: {install_hint('live')}") from None
         self._vad = webrtcvad.Vad(aggressiveness)
 
     def __call__(self, frame: np.ndarray) -> float:
@@ -349,7 +352,7 @@ class LiveSession:
         if self._speech_start is not None and self._t - self._utt_start >= self._max_len:
             if self._open_id is None:
                 events.append(self._started())
-            events += self._close(self._t, cut=True)
+            events += self._close(self._utt_start + self._max_len, cut=True)  # exactly max_utterance_s
             if speech:  # still speaking: the next utterance starts where this one was cut
                 self._speech_start = self._utt_start = self._last_end
         return events
@@ -393,6 +396,19 @@ class LiveSession:
                 error = " ".join(str(exc).split()) or type(exc).__name__
         return LiveEvent("utterance", utt.uid, utt.start / RATE, utt.end / RATE, text, label, probs, utt.cut,
                          latency_s=max(0.0, self._clock() - utt.decided), error=error)
+
+
+def transcript_text(segments: Sequence[Segment], min_overlap_s: float = MIN_OVERLAP_S) -> Callable[[float, float], str | None]:
+    """A `text_span` from transcript segments (`conversation.read_transcript`): an utterance takes
+    the text of the segments it overlaps by at least `min_overlap_s` (the VAD's boundaries may run
+    a little into a neighbouring segment), joined in time order; None when it overlaps none."""
+    ordered = sorted(segments, key=lambda s: (s.start, s.end))
+
+    def text_span(start_s: float, end_s: float) -> str | None:
+        texts = [s.text for s in ordered if min(s.end, end_s) - max(s.start, start_s) >= min_overlap_s]
+        return " ".join(texts) or None
+
+    return text_span
 
 
 def _samples(seconds: float) -> int:
