@@ -62,15 +62,15 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True)
         start = time.perf_counter()
         try:
-            from dmf.export.pipeline import export_checkpoint
+            from dmf.export.pipeline import ExportOptions, export_checkpoint
 
+            options = ExportOptions(engine=engine, precision=precision, max_batch=max_batch, force=force,
+                                    triton_dir=triton, triton_name=triton_name, triton_bare=triton_bare,
+                                    agreement_data=agreement_data, calibration=calibration,
+                                    calibration_samples=calibration_samples)
             with console.status("starting", spinner="dots") as status:
                 on_step = _StepPrinter(console, status)
-                path = export_checkpoint(checkpoint, out, engine=engine, precision=precision,
-                                         max_batch=max_batch, force=force, triton_dir=triton,
-                                         triton_name=triton_name, triton_bare=triton_bare,
-                                         agreement_data=agreement_data, calibration=calibration,
-                                         calibration_samples=calibration_samples, on_step=on_step)
+                path = export_checkpoint(checkpoint, out, options, on_step=on_step)
                 on_step("done")
         except ExportError as exc:
             fail(exc)

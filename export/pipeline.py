@@ -8,6 +8,7 @@ leaves nothing (and an existing artifact is untouched unless the new one is comp
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from dmf import contract as C
 from dmf.export import artifact as art
 from dmf.export import verify as V
 from dmf.export.triton import NAME_RE, entry_paths
-from dmf.fileio import commit_dir, stage_dir
+from dmf.fileio import atomic_write_json, commit_dir, stage_dir
 
 
 @dataclass(frozen=True)
@@ -56,28 +57,17 @@ class ExportOptions:
             raise ExportError(f"Triton model name {self.triton_name!r} must match {NAME_RE.pattern}")
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, engine: str = "onnx",
-                      precision: str = "fp32", max_batch: int = 32, force: bool = False,
-                      triton_dir: str | Path | None = None, verify_samples: int = 8,
-                      agreement_data: Any = None, triton_name: str = "dmf", triton_bare: bool = False,
-                      calibration: Any = None, calibration_samples: int = 32,
-                      on_step: Callable[[str], None] | None = None) -> Path:
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions | None = None, *,
+                      on_step: Callable[[str], None] | None = None, **fields: Any) -> Path:
     """Export a dmf checkpoint folder to a verified artifact folder `out_dir`; returns out_dir.
 
+    The export is described by `options`, or by ExportOptions' fields as keywords
+    (`engine="openvino", precision="int8", calibration=corpus`), which also override `options`.
     Raises ExportError (one-line message) for a missing/corrupt checkpoint, bad options, an
     existing out_dir without force, a graph that fails the op check, or failed verification.
     `on_step(name)` is called as each step starts (load, export, check, optimise, verify,
     quantise, fp16, trt, write)."""
-    options = ExportOptions(engine=engine, precision=precision, max_batch=max_batch, force=force,
-                            triton_dir=Path(triton_dir) if triton_dir is not None else None,
-                            verify_samples=verify_samples, agreement_data=agreement_data,
-                            triton_name=triton_name, triton_bare=triton_bare, calibration=calibration,
-                            calibration_samples=calibration_samples)
-    return run(checkpoint, out_dir, options, on_step=on_step)
-
-
-def run(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions,
-        on_step: Callable[[str], None] | None = None) -> Path:
+    options = _options(options, fields)
     step = on_step or (lambda name: None)
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     triton_targets = (entry_paths(options.triton_dir, options.triton_name, options.triton_bare)
@@ -123,6 +113,15 @@ def run(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions,
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out_dir
+
+
+def _options(options: ExportOptions | None, fields: dict[str, Any]) -> ExportOptions:
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ExportOptions)})
+    if unknown:
+        raise ExportError(f"unknown export option {unknown[0]!r}: ExportOptions has no such field")
+    if fields.get("triton_dir") is not None:
+        fields["triton_dir"] = Path(fields["triton_dir"])
+    return dataclasses.replace(options, **fields) if options is not None else ExportOptions(**fields)
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -235,13 +234,10 @@ def _build(model, checkpoint: Path, work: Path, options: ExportOptions, data: di
     step("verify")
     p32 = V.verify_onnx(fp32, reference, feeds, cfg)
     _gate(V.parity_failure(p32, V.FP32_ATOL))
-    parity = {
-        "reference": "torch-eval-fp32", "checked_with": "onnxruntime-cpu", "samples": p32.samples,
-        "max_abs_diff": p32.max_abs_diff, "argmax_agreement": p32.argmax_agreement, "tolerance": V.FP32_ATOL,
-        "fp32_max_abs_diff": p32.max_abs_diff, "fp32_argmax_agreement": p32.argmax_agreement,
-        "int8_agreement": None, "accuracy_gate": None,
-        "inputs": {"seed": V.VERIFY_SEED, "batch_sizes": [p32.samples, 1]},
-    }
+    parity = art.ParityReport(samples=p32.samples, max_abs_diff=p32.max_abs_diff,
+                              argmax_agreement=p32.argmax_agreement, fp32_max_abs_diff=p32.max_abs_diff,
+                              fp32_argmax_agreement=p32.argmax_agreement, tolerance=V.FP32_ATOL,
+                              inputs={"seed": V.VERIFY_SEED, "batch_sizes": [p32.samples, 1]})
     job = _Job(fp32, work, feeds, reference, options, cfg, parity, data)
     if options.engine == "openvino":
         step("openvino")
@@ -268,7 +264,7 @@ class _Job:
     reference: np.ndarray  # (N, C) torch eval log-probs on feeds
     options: ExportOptions
     cfg: Any  # ModelConfig
-    parity: dict  # the report, updated in place
+    parity: art.ParityReport  # the report, updated in place
     data: dict | None  # {"calibration", "held_out", ...} rows, or None
 
 
@@ -312,22 +308,23 @@ def _accuracy_gate(job: _Job, reduced, what: str) -> None:
 
 
 def _not_gated(job: _Job) -> None:
-    job.parity.update(accuracy_gate={"gated": False, "reason": NOT_GATED})
+    job.parity.accuracy_gate = {"gated": False, "reason": NOT_GATED}
 
 
 def _check_parity(job: _Job, vs_torch, kind: str, what: str) -> None:
     """Record the engine against torch on the verify inputs; fp32 within FP32_ATOL, reduced
     precisions only for a broken graph."""
-    job.parity.update(checked_with=_CHECKED_WITH[kind], max_abs_diff=vs_torch.max_abs_diff,
-                      argmax_agreement=vs_torch.argmax_agreement)
+    report = job.parity
+    report.checked_with = _CHECKED_WITH[kind]
+    report.max_abs_diff, report.argmax_agreement = vs_torch.max_abs_diff, vs_torch.argmax_agreement
     if job.options.precision == "fp32":
-        job.parity.update(tolerance=V.FP32_ATOL)
+        report.tolerance = V.FP32_ATOL
         _gate(V.parity_failure(vs_torch, V.FP32_ATOL, what))
         return
     _gate(_broken_graph(vs_torch, what))
-    job.parity.update(tolerance=None, verify_min_agreement=V.MIN_VERIFY_AGREEMENT)
+    report.tolerance, report.verify_min_agreement = None, V.MIN_VERIFY_AGREEMENT
     if job.options.precision == "int8":  # the key dmf.json had before every precision was gated alike
-        job.parity.update(int8_verify_agreement=vs_torch.argmax_agreement)
+        report.int8_verify_agreement = vs_torch.argmax_agreement
 
 
 def _broken_graph(vs_torch, what: str) -> str | None:
@@ -357,9 +354,9 @@ def _held_out_gate(job: _Job, reduced, what: str) -> None:
         fp32.close()
     record.update(gated=True, held_out_session=job.data.get("held_out_session"),
                   sources=job.data.get("gate_sources") or {"agreement data": record["clips"]})
-    job.parity.update(accuracy_gate=record)
+    job.parity.accuracy_gate = record
     if job.options.precision == "int8":  # the keys dmf.json had before the gate covered every precision
-        job.parity.update(int8_agreement=record["argmax_agreement"], int8_agreement_samples=record["clips"])
+        job.parity.int8_agreement, job.parity.int8_agreement_samples = record["argmax_agreement"], record["clips"]
 
 
 def _int8(job: _Job) -> Path:
@@ -393,9 +390,8 @@ def _openvino(job: _Job) -> Path:
             raise ExportError("static int8 needs calibration clips: give --calibration CORPUS")
         calibration = job.data["calibration"]
         _, kept = OV.quantize(job.fp32, xml, calibration)
-        job.parity.update(quantization={"recipe": "mixed-int8", "smooth_quant": False,
-                                        "calibration_clips": int(len(calibration[C.AUDIO_INPUT])),
-                                        "float_ops": kept})
+        job.parity.quantization = {"recipe": "mixed-int8", "smooth_quant": False,
+                                   "calibration_clips": int(len(calibration[C.AUDIO_INPUT])), "float_ops": kept}
     else:
         OV.convert(job.fp32, xml)
     _check_reduced(job, "openvino", xml)
@@ -418,7 +414,7 @@ def _tensorrt(job: _Job) -> Path:
     plan = build_engine(source, job.work / C.MODEL_FILES["trt"], precision=options.precision, max_batch=options.max_batch,
                         input_dims={C.AUDIO_INPUT: (cfg.max_audio_samples,), C.IDS_INPUT: (cfg.max_tokens,),
                                     C.MASK_INPUT: (cfg.max_tokens,)})
-    job.parity.update(tensorrt=build_target())
+    job.parity.tensorrt = build_target()
     what = f"TensorRT {options.precision} export"
     batch = min(options.max_batch, len(job.feeds[C.AUDIO_INPUT]))
     whole, single = (V.compare(job.reference, out) for out in run_plan(plan, cfg, options.precision, job.feeds, (batch, 1)))
@@ -437,7 +433,7 @@ def _tensorrt(job: _Job) -> Path:
     return plan
 
 
-def _write(staging: Path, model, checkpoint: Path, model_file: Path, parity: dict, weights_sha: str,
+def _write(staging: Path, model, checkpoint: Path, model_file: Path, parity: art.ParityReport, weights_sha: str,
            options: ExportOptions) -> None:
     name = C.MODEL_FILES[options.engine]
     shipped = [name] + ([C.OPENVINO_WEIGHTS_FILE] if options.engine == "openvino" else [])
@@ -453,9 +449,9 @@ def _write(staging: Path, model, checkpoint: Path, model_file: Path, parity: dic
     else:  # checkpoints always carry it; keep a fallback for hand-made folders
         model.tokenizer.backend_tokenizer.save(str(staging / C.TOKENIZER_FILE))
     files = {f: C.sha256_file(staging / f) for f in (*shipped, C.TOKENIZER_FILE)}
-    C.write_json(staging / C.PARITY_FILE, parity)
+    atomic_write_json(staging / C.PARITY_FILE, parity.to_dict())
     files[C.PARITY_FILE] = C.sha256_file(staging / C.PARITY_FILE)
     meta = art.manifest(model_config=model.model_config, engine=options.engine, precision=options.precision,
                         max_batch=options.max_batch, checkpoint=checkpoint, checkpoint_sha256=weights_sha,
                         files=files, parity=parity)
-    C.write_json(staging / C.META_FILE, meta)
+    atomic_write_json(staging / C.META_FILE, meta)

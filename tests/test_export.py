@@ -24,7 +24,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from dmf.config import preset  # noqa: E402
-from dmf.export import ExportError, export_checkpoint  # noqa: E402
+from dmf.export import ExportError, ExportOptions, export_checkpoint  # noqa: E402
 from dmf.export.opcheck import check_model  # noqa: E402
 from dmf.export.pipeline import NOT_GATED  # noqa: E402
 from dmf.export.verify import MIN_GATE_CLIPS, VERIFY_SEED, Parity, parity_failure, verify_inputs  # noqa: E402
@@ -428,6 +428,11 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path, checkpoints):
     assert msg == "precision int8 is not available for engine trt (it offers fp32, fp16)"
     msg = _one_line_error(export_checkpoint, checkpoints["naive"], out, engine="tflite")
     assert "unknown engine" in msg
+    msg = _one_line_error(export_checkpoint, checkpoints["naive"], out, percision="int8")
+    assert msg == "unknown export option 'percision': ExportOptions has no such field"
+    # keywords override an options record, and are validated like it
+    msg = _one_line_error(export_checkpoint, checkpoints["naive"], out, ExportOptions(engine="trt"), precision="int8")
+    assert msg == "precision int8 is not available for engine trt (it offers fp32, fp16)"
     assert not out.exists()
     assert _leftovers(tmp_path) == []
 
@@ -620,3 +625,19 @@ def test_import_is_light():
 
     code = "import sys, dmf.export; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+
+
+def test_parity_report_omits_the_keys_that_do_not_apply():
+    """parity.json keeps the keys older artifacts had: the always-present ones even when None, the
+    engine/precision-specific ones only when set."""
+    from dmf.export.artifact import ParityReport
+
+    report = ParityReport(samples=8, max_abs_diff=1e-5, argmax_agreement=1.0, fp32_max_abs_diff=1e-5,
+                          fp32_argmax_agreement=1.0, inputs={"seed": VERIFY_SEED, "batch_sizes": [8, 1]},
+                          tolerance=None)
+    fp32 = report.to_dict()
+    assert fp32["tolerance"] is None and fp32["accuracy_gate"] is None and fp32["int8_agreement"] is None
+    assert not {"quantization", "tensorrt", "int8_verify_agreement"} & set(fp32)
+    report.quantization, report.int8_verify_agreement = {"recipe": "mixed-int8"}, 0.9
+    assert report.to_dict()["quantization"] == {"recipe": "mixed-int8"}
+    assert report.to_dict()["int8_verify_agreement"] == 0.9
