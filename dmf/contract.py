@@ -1,8 +1,10 @@
 """The artifact contract between `dmf export` (which writes through this module) and `dmf.runtime`
 (which reads through it): format and schema version, file names, tensor names and dtypes, the
-default label set, limits, and the sha256 / atomic-JSON helpers both sides use.
+default label set, limits, and the sha256 and canonical-JSON helpers both sides use. Files are
+written through dmf.fileio (this module is also shipped alone into Triton's Python models, so it
+imports nothing of dmf).
 
-Torch-free (hashlib, json, os, pathlib only): the edge runtime imports it. Every constant here is
+Torch-free (hashlib, json, pathlib only): the edge runtime imports it. Every constant here is
 defined once; docs/artifact.md describes the same contract in prose.
 """
 
@@ -10,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 FORMAT = "dmf-artifact"
@@ -83,16 +83,3 @@ def seal(meta: dict) -> dict:
     It guards against accidents and stale copies, not an attacker (who can recompute it)."""
     meta = json.loads(json.dumps(meta, allow_nan=False))  # as it reads back: tuples as lists, keys as str
     return {**meta, CONTENT_DIGEST: content_digest(meta)}
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """Write JSON atomically: a temp file in the same folder, then rename (never half-written)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

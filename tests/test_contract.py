@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dmf import contract as C
+from dmf.fileio import atomic_write_json
 from dmf.runtime.artifact import ArtifactError, load_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def _write_artifact(folder: Path, **overrides) -> Path:
             "normalisation": {"do_normalize": True, "eps": 1e-7}, "inputs": inputs, "outputs": outputs,
             "max_batch": 4, "files": {n: C.sha256_file(folder / n) for n in (model.name, C.TOKENIZER_FILE)},
             **overrides}
-    C.write_json(folder / C.META_FILE, C.seal(meta))
+    atomic_write_json(folder / C.META_FILE, C.seal(meta))
     return folder
 
 
@@ -75,9 +76,9 @@ def test_contract_breaks_are_refused_in_one_line(tmp_path):
 
 def test_write_json_is_atomic_and_refuses_nan(tmp_path):
     target = tmp_path / "x.json"
-    C.write_json(target, {"a": 1})
+    atomic_write_json(target, {"a": 1})
     with pytest.raises(ValueError):
-        C.write_json(target, {"a": float("nan")})  # invalid JSON is never written ...
+        atomic_write_json(target, {"a": float("nan")})  # invalid JSON is never written ...
     assert json.loads(target.read_text()) == {"a": 1}  # ... and the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 

@@ -26,6 +26,7 @@ import pytest
 from conftest_runtime import TEXTS, predictor, rt, tone  # noqa: F401
 
 from dmf import contract as C
+from dmf.fileio import atomic_write_json
 from dmf.runtime import EngineError, Predictor
 from dmf.runtime import cudart as CU
 from dmf.runtime import trt as T
@@ -430,7 +431,7 @@ def plan_artifact(tmp_path) -> Path:
             "inputs": [i for i in inputs if i["name"] == C.AUDIO_INPUT], "outputs": outputs, "max_batch": 8,
             "files": {"model.plan": C.sha256_file(art / "model.plan")},
             "tensorrt": {"version": "10.99.0", "gpu": "Fake GPU", "compute_capability": "9.0"}}
-    C.write_json(art / C.META_FILE, C.seal(meta))  # with its content digest, as export writes it
+    atomic_write_json(art / C.META_FILE, C.seal(meta))  # with its content digest, as export writes it
     return art
 
 

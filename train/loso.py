@@ -21,7 +21,7 @@ import numpy as np
 
 from dmf.config import ConfigError, DMFConfig
 from dmf.data.corpus import Corpus, DataError
-from dmf.fileio import atomic_write_text
+from dmf.fileio import atomic_write_json, atomic_write_text
 from dmf.train import distributed
 from dmf.train.dataset import AudioCache, check_fold, loso_split
 from dmf.train.metrics import compute_metrics, plot_confusion
@@ -29,10 +29,6 @@ from dmf.train.report import render_report
 from dmf.train.trainer import FitOptions, clear_resume, fit
 
 METRICS_NAME = "metrics.json"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _check_run_config(out_dir: Path, config: DMFConfig) -> None:
@@ -66,7 +62,7 @@ def run_fold(config: DMFConfig, corpus: Corpus, fold: int, out_dir: Path, audio:
         return metrics
     plot_confusion(metrics["confusion"], metrics["labels"], fold_dir / "confusion.png",
                    title=f"fold {fold} (test {split.test_session}): UA {100 * metrics['ua']:.1f}%")
-    _write_json(done, metrics)
+    atomic_write_json(done, metrics)
     clear_resume(fold_dir)
     return metrics
 
@@ -133,6 +129,6 @@ def run_training(config: DMFConfig, corpus: Corpus, out_dir: str | Path, folds: 
     if not distributed.context().is_main:
         return distributed.broadcast_object(None)
     summary = summarize(finished_folds(out_dir, n_sessions), n_sessions)
-    _write_json(out_dir / METRICS_NAME, summary)
+    atomic_write_json(out_dir / METRICS_NAME, summary)
     atomic_write_text(out_dir / "report.md", render_report(summary, config))
     return distributed.broadcast_object(summary)
