@@ -30,7 +30,7 @@ from dmf.config import ConfigError, DMFConfig, TrainConfig
 from dmf.fileio import atomic_write_text
 from dmf.loss import DMFObjective
 from dmf.model import DMFModel, parameter_groups
-from dmf.train import distributed
+from dmf.train import diagnostics, distributed
 from dmf.train.dataset import AudioCache, Batchable, FoldSplit, encode_utterances
 from dmf.train.metrics import compute_metrics
 from dmf.train.options import DEVICES, MEMORY_CHECKS, FitOptions
@@ -127,11 +127,13 @@ def train_step(model: DMFModel, optimizer: torch.optim.Optimizer, batch: tuple, 
         out = forward(audio, ids, mask, labels)  # LossOutput: total, nll, similarity, log_probs (B, C)
     optimizer.zero_grad(set_to_none=True)
     out.total.backward()
+    grads = diagnostics.grad_norms(model)  # before clipping: what the loss asked for
     if config.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.train.grad_clip)
     optimizer.step()
     correct = int((out.log_probs.argmax(-1) == labels).sum())
-    return dict(loss=float(out.total.detach()), nll=float(out.nll), correct=correct, seen=len(labels))
+    return dict(loss=float(out.total.detach()), nll=float(out.nll), correct=correct, seen=len(labels),
+                similarity=float(out.similarity), **grads)
 
 
 @torch.no_grad()
@@ -305,7 +307,8 @@ def _global_step_stats(out: dict, ctx: distributed.Context) -> dict:
     values = values.to(ctx.device)
     torch.distributed.all_reduce(values)
     loss, nll, correct, seen = values.tolist()
-    return dict(loss=loss / ctx.world_size, nll=nll / ctx.world_size, correct=int(correct), seen=int(seen))
+    same = {k: out[k] for k in diagnostics.STEP_KEYS if k in out}  # equal on every rank (all-reduced grads, global write)
+    return dict(loss=loss / ctx.world_size, nll=nll / ctx.world_size, correct=int(correct), seen=int(seen), **same)
 
 
 def _accumulate(state: TrainState, out: dict, seconds: float) -> None:
@@ -315,6 +318,7 @@ def _accumulate(state: TrainState, out: dict, seconds: float) -> None:
     run["correct"] += out["correct"]
     run["seen"] += out["seen"]
     run["batches"] += 1
+    diagnostics.accumulate(run, out)
     state.step += 1
     state.global_step += 1
     state.train_seconds += seconds
@@ -359,7 +363,12 @@ def _end_epoch_main(run: _Run) -> dict:
     r = state.running
     batches = max(r["batches"], 1)
     entry = dict(epoch=state.epoch + 1, train_loss=r["loss"] / batches, train_nll=r["nll"] / batches,
-                 train_acc=r["correct"] / max(r["seen"], 1), val_wa=val["wa"], val_ua=val["ua"])
+                 train_acc=r["correct"] / max(r["seen"], 1), val_wa=val["wa"], val_ua=val["ua"],
+                 **diagnostics.epoch_means(r))
+    figures = diagnostics.epoch_diagnostics(run.model, run.train.rows(diagnostics.diagnostic_rows(len(run.train))),
+                                            cfg.batch_size)
+    if figures:
+        entry["diagnostics"] = figures
     if val["ua"] > state.best_ua:
         state.best_ua, state.best_epoch, state.stale_epochs = val["ua"], state.epoch + 1, 0
         save_best(run.model, run.fold_dir)

@@ -1,0 +1,129 @@
+"""Issue 28: the per-epoch diagnostics of memory fusion, and the selection procedure on validation splits."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmf.config import ConfigError, preset
+from dmf.data.corpus import load_corpus
+from dmf.data.synth import synthesize
+from dmf.fusion import MemoryReader
+from dmf.model import DMFModel
+from dmf.train import diagnostics
+from dmf.train.diagnostics import batchnorm_stats, effective_rank, memory_diversity, read_stats
+from dmf.train.loso import run_training
+from dmf.train.trainer import FitOptions
+
+TIMING = ("train_seconds", "utterances_per_s")
+
+
+def tiny_config(**train):
+    """The tiny preset at 1 s clips, batches of 4, 2 epochs: seconds per fold."""
+    cfg = preset("tiny", max_audio_samples=16000)
+    values = dict(epochs=2, batch_size=4, patience=2, seed=0)
+    values.update(train)
+    return cfg.replace("train", **values)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "synth"
+    synthesize(path, seed=0, utterances=48)
+    return load_corpus(path)
+
+
+@pytest.fixture(scope="module")
+def logged_run(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("diag") / "memory"
+    run_training(tiny_config(), corpus, out, [1], options=FitOptions(progress=False, checkpoint_every=0))
+    return json.loads((out / "fold1" / "metrics.json").read_text())
+
+
+# ------------------------------------------------------------------------------------ the run's log
+
+
+def test_each_epoch_logs_the_diagnostics_with_sane_values(logged_run):
+    history = logged_run["history"]
+    assert len(history) == 2
+    for entry in history:
+        # writer detached (tiny preset): the similarity term still trains the writer itself
+        for group in ("reader", "composer", "writer", "network"):
+            assert math.isfinite(entry[f"grad_{group}"]) and entry[f"grad_{group}"] > 0, group
+        assert -2.0 <= entry["train_similarity"] <= 2.0  # two memories, each a mean cosine in [-1, 1]
+        figures = entry["diagnostics"]
+        for reader in ("read_text", "read_audio"):
+            r = figures[reader]
+            assert 0.0 <= r["tau_at_min"] <= 1.0 and 0.0 <= r["tau_at_max"] <= 1.0
+            assert 1e-4 <= r["tau_mean"] <= 10.0  # inside the clamp
+            assert 0.0 <= r["entropy"] <= 1.0 + 1e-6 and 0.0 <= r["entropy_gumbel"] <= 1.0 + 1e-6
+            assert 1 <= r["slots_used"] <= 16
+        for memory in ("memory_audio", "memory_text"):
+            m = figures[memory]
+            assert 1.0 <= m["effective_rank"] <= 16.0 + 1e-6 and -1.0 <= m["mean_cosine"] <= 1.0
+        for norm in ("batchnorm_norm1", "batchnorm_norm2"):
+            assert figures[norm]["mean_shift"] >= 0 and math.isfinite(figures[norm]["log_var_ratio"])
+
+
+def test_the_log_does_not_change_the_training(logged_run, corpus, tmp_path, monkeypatch):
+    """The diagnostics draw no number from the training RNG streams and write no state: the same
+    run with them switched off gives the same losses, validation UAs and test predictions."""
+    monkeypatch.setattr(diagnostics, "epoch_diagnostics", lambda *a, **k: {})
+    monkeypatch.setattr(diagnostics, "grad_norms", lambda model: {})
+    run_training(tiny_config(), corpus, tmp_path / "quiet", [1], options=FitOptions(progress=False, checkpoint_every=0))
+    quiet = json.loads((tmp_path / "quiet" / "fold1" / "metrics.json").read_text())
+    assert [(e["train_loss"], e["val_ua"]) for e in quiet["history"]] == \
+           [(e["train_loss"], e["val_ua"]) for e in logged_run["history"]]
+    assert quiet["predictions"] == logged_run["predictions"]
+    assert "diagnostics" not in quiet["history"][0] and "grad_reader" not in quiet["history"][0]
+
+
+def test_naive_fusion_logs_network_gradients_only():
+    model = DMFModel(preset("tiny", fusion="naive", max_audio_samples=16000), texts=["a b"], pretrained=False)
+    assert set(diagnostics.grad_groups(model)) == {"network"}
+    assert diagnostics.epoch_diagnostics(model, (None, None, None), 4) == {}
+
+
+# ---------------------------------------------------------------------------------- the figures
+
+
+def test_a_collapsed_memory_has_effective_rank_one():
+    row = torch.randn(1, 32)
+    collapsed = row.repeat(16, 1)  # 16 identical slots
+    figures = memory_diversity(collapsed)
+    assert figures["effective_rank"] == pytest.approx(1.0, abs=1e-3)
+    assert figures["mean_cosine"] == pytest.approx(1.0, abs=1e-5)
+    diverse = torch.linalg.qr(torch.randn(32, 16))[0].T  # 16 orthonormal slots
+    assert effective_rank(diverse) == pytest.approx(16.0, rel=1e-6)
+    assert memory_diversity(diverse)["mean_cosine"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_a_temperature_at_the_clamp_is_counted_and_reads_one_slot():
+    reader = MemoryReader(slots=8, tau_min=1e-4, tau_max=10.0)
+    with torch.no_grad():  # |Linear(s)| = 0 -> clamped up to tau_min for every row
+        reader.temperature.weight.zero_()
+        reader.temperature.bias.zero_()
+    x, memory = torch.randn(5, 4), torch.randn(8, 4)
+    stats = read_stats(reader, x, memory, torch.Generator().manual_seed(0))
+    assert stats["tau_at_min"] == 1.0 and stats["tau_at_max"] == 0.0
+    assert stats["entropy"] < 1e-3  # softmax(s / 1e-4): one slot per row
+    with torch.no_grad():
+        reader.temperature.bias.fill_(1e6)  # -> clamped down to tau_max: near-uniform reads
+    stats = read_stats(reader, x, memory, torch.Generator().manual_seed(0))
+    assert stats["tau_at_max"] == 1.0 and stats["entropy"] > 0.9
+
+
+def test_batchnorm_statistics_against_small_batches():
+    norm = torch.nn.BatchNorm1d(6)
+    inputs = torch.randn(64, 6) * 3 + 2
+    with torch.no_grad():
+        norm.running_mean.copy_(inputs.mean(0))
+        norm.running_var.copy_(inputs.var(0, unbiased=False))
+    whole = batchnorm_stats(norm, inputs, batch_size=64)  # one batch = the set: no gap
+    assert whole["mean_shift"] == pytest.approx(0.0, abs=1e-5) and whole["log_var_ratio"] == pytest.approx(0.0, abs=1e-4)
+    small = batchnorm_stats(norm, inputs, batch_size=4)  # batches of 4 drift from the running statistics
+    assert small["mean_shift"] > 0.2 and small["log_var_ratio"] < 0
