@@ -21,9 +21,11 @@ transcript cannot drive the terminal (colour, cursor, title) through `dmf predic
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -253,7 +255,7 @@ def predict(
     artifact: Path = typer.Argument(..., help="Artifact folder written by `dmf export`."),
     audio: Optional[Path] = typer.Option(None, "--audio", help="One audio file (WAV, FLAC, ...)."),
     text: Optional[str] = typer.Option(None, "--text", help="Its transcript."),
-    manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV/TSV/JSONL with audio, text[, id]."),
+    manifest: Optional[str] = typer.Option(None, "--manifest", help="CSV/TSV/JSONL with audio, text[, id] (with --ray also Parquet, or any URI Ray reads)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Manifest or --transcript output: .csv, .jsonl or .ndjson."),
     as_json: bool = typer.Option(False, "--json", help="Print the single prediction as JSON."),
     engine: str = typer.Option("auto", "--engine", help="auto (the fastest the artifact, installed packages and CPU allow), onnx, openvino or trt."),
@@ -266,10 +268,26 @@ def predict(
     plot: Optional[Path] = typer.Option(None, "--plot", help="With --transcript: an emotion timeline PNG (needs matplotlib)."),
     policy: str = typer.Option("first", "--policy", help="With --transcript, segments longer than the model's window: first (its first window) or windows (average of all)."),
     max_recording_seconds: float = typer.Option(MAX_RECORDING_SECONDS, "--max-recording-seconds", help="With --transcript: longest accepted recording, s."),
+    conversations: Optional[Path] = typer.Option(None, "--conversations", help="CSV/TSV/JSONL of recordings: audio, transcript[, id]; one row per turn in --out."),
+    use_ray: bool = typer.Option(False, "--ray", help="Run --manifest / --conversations on Ray: a local instance with this machine's cores, or --ray-address."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (auto, HOST:6379, ray://HOST:10001); implies --ray."),
+    actors: Optional[int] = typer.Option(None, "--actors", help="With --ray: actors (each loads the artifact once); default: cluster CPUs / --cpus-per-actor."),
+    cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", help="With --ray: CPUs per actor (its engine threads)."),
+    gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="With --ray: GPUs per actor (onnxruntime-gpu, --engine trt)."),
 ) -> None:
     """Predict the emotion of one clip + transcript, of every row of a manifest, or of every
     segment of a recording's time-stamped transcript (--audio RECORDING --transcript FILE)."""
     _checked_limits(max_seconds, max_recording_seconds)
+    ray_opts = _ray_plan(use_ray or ray_address is not None, ray_address, actors, cpus_per_actor, gpus_per_actor,
+                         batch_size, progress)
+    load = LoadRequest(artifact, engine, providers, threads, max_seconds)
+    if conversations is not None:
+        if audio is not None or text is not None or manifest is not None or transcript is not None:
+            fail("--conversations goes with --out only, not with --audio, --text, --manifest or --transcript")
+        _predict_conversation_list(load, conversations, out, policy, (max_recording_seconds, batch_size), ray_opts)
+        return
+    if ray_opts is not None and manifest is None:
+        fail("--ray goes with --manifest FILE or --conversations FILE")
     if transcript is not None:
         if batch_size < 1:
             fail(f"--batch-size {batch_size} is invalid: expected an integer >= 1")
@@ -284,9 +302,142 @@ def predict(
     if manifest is None:
         _predict_one(_load_predictor(artifact, engine, providers, threads, max_seconds), audio, text, as_json)
         return
+    if ray_opts is not None:
+        _predict_manifest_ray(load, manifest, out, ray_opts)
+        return
+    manifest = Path(manifest)
     rows, kind = _manifest_plan(manifest, out)
     predictor = _load_predictor(artifact, engine, providers, threads, max_seconds)
     _predict_manifest(predictor, rows, out, kind, batch_size, progress)
+
+
+# ------------------------------------------------------------------- predict --ray, --conversations
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """The artifact options as given on the command line."""
+
+    artifact: Path  # artifact folder
+    engine: str  # auto, onnx, openvino or trt
+    providers: Optional[str]  # onnxruntime providers
+    threads: Optional[int]  # engine threads (None: as many as the actor's CPUs under --ray)
+    max_seconds: float  # longest accepted clip, s
+
+
+def _ray_plan(use_ray: bool, address, actors, cpus: float, gpus: float, batch_size: int, progress: bool):
+    """(address, PoolOptions, progress) for --ray, checked before anything loads; None without --ray."""
+    if not use_ray:
+        return None
+    if actors is not None and actors < 1:
+        fail(f"--actors {actors} is invalid: expected an integer >= 1")
+    if not (math.isfinite(cpus) and math.isfinite(gpus) and cpus > 0 and gpus >= 0):
+        fail(f"--cpus-per-actor {cpus:g} / --gpus-per-actor {gpus:g}: expected finite numbers, CPUs > 0, GPUs >= 0")
+    if batch_size < 1:
+        fail(f"--batch-size {batch_size} is invalid: expected an integer >= 1")
+    try:
+        import ray  # noqa: F401
+    except ImportError as exc:
+        fail(f"--ray needs the [ray] extra (`{install_hint('ray')}`): {exc}")
+    from .ray import PoolOptions
+
+    return address, PoolOptions(actors=actors, cpus_per_actor=cpus, gpus_per_actor=gpus, batch_size=batch_size), progress
+
+
+def _labels(artifact: Path) -> tuple[str, ...]:
+    """The artifact checked on this machine before any actor starts (each actor loads it again)."""
+    from .artifact import ArtifactError, load_artifact
+
+    try:
+        return load_artifact(artifact).labels
+    except ArtifactError as exc:
+        fail(exc)
+
+
+def _ray_load(load: LoadRequest):
+    from .ray import LoadOptions
+
+    return LoadOptions(str(load.artifact), load.engine, load.providers, load.threads, load.max_seconds)
+
+
+def _predict_manifest_ray(load: LoadRequest, manifest: str, out: Path, ray_opts) -> None:
+    """`--manifest M --out O --ray`: the rows scored on Ray, written here as `--manifest` writes them."""
+    from dmf.data import DataError, ManifestError
+
+    from . import ray as dray
+    from .outputs import OutputError, RowWriter, check_output
+
+    if out is None:
+        fail("--manifest needs --out FILE (.csv or .jsonl)")
+    try:
+        kind = check_output(out, protect=manifest if "://" not in manifest else None, what="manifest")
+    except OutputError as exc:
+        fail(exc)
+    labels = _labels(load.artifact)
+    dray.connect(ray_opts[0], progress=ray_opts[2])
+    try:
+        ds, expected = dray.manifest_dataset(manifest)
+    except ManifestError as exc:
+        fail(f"{manifest}: {len(exc.problems)} bad row(s); nothing was predicted", exc.problems)
+    except (DataError, ValueError) as exc:
+        fail(exc)
+    writer = RowWriter(out, kind, labels)
+    try:
+        with _sigterm_raises():
+            row_errors = dray.write_manifest(dray.scored_batches(ds, dray.ManifestScorer, (_ray_load(load),), ray_opts[1]),
+                                             writer, expected)
+            writer.commit()
+    except (KeyboardInterrupt, Terminated) as exc:
+        how, code = ("terminated", EXIT_TERMINATED) if isinstance(exc, Terminated) else ("interrupted", EXIT_INTERRUPTED)
+        console().print(f"{how}: {writer.written} rows written to {writer.abort()}")
+        raise typer.Exit(code) from None
+    except (dray.ClusterError, RuntimeError, OSError) as exc:
+        fail(f"{exc} ({writer.written} rows written to {writer.abort()})")
+    if row_errors:
+        fail(f"{len(row_errors)} row(s) could not be predicted (see the 'error' field in {out})", row_errors)
+    console().print(f"wrote {out}")
+
+
+def _predict_conversation_list(load: LoadRequest, conversations: Path, out, policy: str,
+                               limits: tuple[float, int], ray_opts) -> None:
+    """`--conversations LIST --out O [--ray]`: every recording's turns in one table, a failed
+    recording as one row with its message (exit 2 at the end, as bad manifest rows)."""
+    from dmf.data import DataError, ManifestError
+
+    from . import ray as dray
+    from .artifact import ArtifactError
+    from .conversation import POLICIES
+    from .engine import EngineError
+    from .outputs import OutputError, check_output
+
+    if out is None:
+        fail("--conversations needs --out FILE (.csv or .jsonl)")
+    if policy not in POLICIES:
+        fail(f"--policy {policy!r} is invalid: expected one of {', '.join(POLICIES)}")
+    try:
+        kind = check_output(out, protect=conversations, what="conversation list")
+        rows = dray.pair_rows(conversations)
+    except ManifestError as exc:
+        fail(f"{conversations}: {len(exc.problems)} bad row(s); nothing was predicted", exc.problems)
+    except (DataError, OutputError) as exc:
+        fail(exc)
+    labels = _labels(load.artifact)
+    conv = dray.ConversationOptions(policy=policy, max_recording_seconds=limits[0], batch_size=limits[1])
+    try:
+        if ray_opts is None:
+            results = dray.run_here(rows, dray.ConversationScorer(_ray_load(load), conv), 1)
+        else:
+            dray.connect(ray_opts[0], progress=ray_opts[2])
+            ds = dray.pairs_dataset(rows)
+            pool = replace(ray_opts[1], batch_size=1)  # a recording per call: --batch-size counts segments
+            results = dray.scored_batches(ds, dray.ConversationScorer, (_ray_load(load), conv), pool)
+        failures = dray.write_conversations(results, out, kind, labels, len(rows))
+    except (ArtifactError, EngineError, dray.ClusterError, RuntimeError) as exc:
+        fail(exc)
+    except OSError as exc:
+        fail(f"cannot write: {exc.strerror or exc}: {exc.filename or ''}")
+    if failures:
+        fail(f"{len(failures)} recording(s) could not be predicted (see the 'error' field in {out})", failures)
+    console().print(f"wrote {out}")
 
 
 # --------------------------------------------------------------------------------------- serve
