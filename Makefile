@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[train,serve,dev,live]"
+	$(BIN)/pip install -q -e ".[train,serve,dev,live,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)
