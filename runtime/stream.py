@@ -100,6 +100,10 @@ class _Close(Exception):
 class _Gone(Exception):
     """The client disconnected (or the server closed the socket while shutting down)."""
 
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code  # the client's close code; 1005 / 1006 when it sent none
+
 
 def close_reason(text: str) -> str:
     """`text` cut to fit a close frame (123 bytes of UTF-8), on a character boundary."""
@@ -156,7 +160,7 @@ class _Stream:
         self.idle_until = time.monotonic() + self.opts.stream_idle_s
 
     async def run(self) -> int:
-        """Serve the stream to its end; the close code (1006: the client vanished)."""
+        """Serve the stream to its end; its close code (the client's, when it closed first)."""
         sender = asyncio.create_task(self._send_loop())
         try:
             await self._start()
@@ -165,8 +169,8 @@ class _Stream:
         except _Close as close:
             await self._close(sender, close)
             return close.code
-        except _Gone:
-            return 1006
+        except _Gone as gone:
+            return gone.code
         finally:
             sender.cancel()
 
@@ -183,7 +187,7 @@ class _Stream:
                 raise _Close(IDLE, f"nothing received for {self.opts.stream_idle_s:g} s") from None
             return None
         if message["type"] == "websocket.disconnect":
-            raise _Gone()
+            raise _Gone(message.get("code", 1006))
         self.idle_until = time.monotonic() + self.opts.stream_idle_s
         return message
 
@@ -208,6 +212,8 @@ class _Stream:
             self.session = LiveSession(scorer(self.state.batcher, self.opts.request_timeout_s), fmt, options)
         except ValueError as exc:
             raise _Close(POLICY, first_line(exc)) from None
+        except ImportError as exc:  # webrtcvad missing: an install problem, said in the reason
+            raise _Close(INTERNAL, first_line(exc)) from None
         self.bytes_per_second = fmt.frame_bytes * fmt.sample_rate
         self._emit({"type": "ready", "labels": list(artifact.labels), "format": asdict(fmt),
                     "options": asdict(options), "limits": self._limits()})
@@ -261,6 +267,8 @@ class _Stream:
         """A session call in the streams' worker pool; its failures end the stream."""
         try:
             return await asyncio.get_running_loop().run_in_executor(self.state.stream_pool, fn, *args)
+        except UnknownUtterance:  # provide_text: the caller answers it with an error event
+            raise
         except ValueError as exc:  # feed: samples the session refuses (NaN, out of range)
             raise _Close(INVALID_DATA, first_line(exc)) from None
         except BatcherClosed:
