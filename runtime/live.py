@@ -259,10 +259,12 @@ class LiveSession:
         Raises UnknownUtterance for an id that is not open or waiting."""
         if not isinstance(text, str):
             raise ValueError(f"text for utterance {utterance_id!r}: expected a string, got {type(text).__name__}")
+        if isinstance(utterance_id, bool) or not isinstance(utterance_id, int):
+            raise UnknownUtterance(f"utterance {utterance_id!r} is unknown: ids are integers")
         if utterance_id == self._open_id:
             self._early_text[utterance_id] = text
             return []
-        utt = self._pending.pop(utterance_id, None) if isinstance(utterance_id, int) else None
+        utt = self._pending.pop(utterance_id, None)
         if utt is None:
             raise UnknownUtterance(f"utterance {utterance_id!r} is unknown: not started yet, or already scored")
         utt.text = text
@@ -286,7 +288,7 @@ class LiveSession:
             events += self._frame(np.concatenate([self._rest, np.zeros(FRAME - len(self._rest), np.float32)]),
                                   real=len(self._rest))
             self._rest = self._rest[:0]
-        if self._speech_start is not None:
+        if self._open_id is not None:  # an open burst without an id is under min_speech_s: dropped
             events += self._close(min(self._last_speech + self._pad, self._t), cut=False)
         while self._pending:
             events.append(self._scored(self._pending.popitem(last=False)[1]))

@@ -176,6 +176,18 @@ def test_early_text_skip_policy_and_pending_bound(conv):
     assert bounded.pending == 2 and len(utterances(events)) == len(truth) - 2  # the oldest were scored
 
 
+def test_finish_closes_an_open_utterance_and_drops_a_short_burst(conv):
+    folder, truth, audio = conv
+    middle = round((truth[0].start + truth[0].end) / 2 * RATE)
+    session = LiveSession(stub)
+    events = session.feed(audio[:middle].tobytes()) + session.finish()
+    assert [e.kind for e in events] == ["speech_started", "utterance"]
+    assert truth[0].start - 0.2 <= events[1].start_s and events[1].end_s <= middle / RATE
+    burst = audio[:round((truth[0].start + 0.15) * RATE)].tobytes()  # ~0.05 s of speech: under min_speech_s
+    short = LiveSession(stub)
+    assert short.feed(burst) + short.finish() == []
+
+
 def test_long_streams_keep_memory_flat_cut_speech_and_lose_nothing(predictor):
     """Three minutes of speech without pauses and of silence (an hour each: docs/live.md)."""
     score = lambda a, t: predictor.predict(a, t, RATE)  # noqa: E731
