@@ -107,7 +107,9 @@ def check_against_truth(events: list[dict], conv: Conversation, predictor, pcm: 
         samples = pcm[round(event["start_s"] * RATE):round(event["end_s"] * RATE)].astype(np.float32) / 32768.0
         offline = predictor.predict(samples, text, sample_rate=RATE)
         assert event["label"] == offline.label
-        assert event["probabilities"] == pytest.approx(offline.probabilities, abs=1e-5)
+        # The fixture's untrained model gives nearly the same probabilities to every input, so labels
+        # alone prove little: the same samples score identically, a cut 30 ms off moves them >= 1e-6.
+        assert event["probabilities"] == pytest.approx(offline.probabilities, abs=1e-7)
 
 
 # ------------------------------------------------------------------------------- in-process
