@@ -19,7 +19,6 @@ from dmf.train.diagnostics import batchnorm_stats, effective_rank, memory_divers
 from dmf.train.loso import run_training
 from dmf.train.trainer import FitOptions
 
-TIMING = ("train_seconds", "utterances_per_s")
 
 
 def tiny_config(**train):
@@ -31,10 +30,15 @@ def tiny_config(**train):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "synth"
     synthesize(path, seed=0, utterances=48)
-    return load_corpus(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(corpus_dir):
+    return load_corpus(corpus_dir)
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +131,68 @@ def test_batchnorm_statistics_against_small_batches():
     assert whole["mean_shift"] == pytest.approx(0.0, abs=1e-5) and whole["log_var_ratio"] == pytest.approx(0.0, abs=1e-4)
     small = batchnorm_stats(norm, inputs, batch_size=4)  # batches of 4 drift from the running statistics
     assert small["mean_shift"] > 0.2 and small["log_var_ratio"] < 0
+
+
+# ------------------------------------------------------------------------- selection on validation
+
+
+def _fold(val_ua: float, ua: float, session: str = "Ses01") -> dict:
+    preds = {"ids": ["a", "b"], "true": [0, 1], "pred": [0, 1] if ua == 1.0 else [0, 0]}
+    return {"best_val_ua": val_ua, "ua": ua, "wa": ua, "macro_f1": ua, "weighted_f1": ua, "n_test": 2,
+            "test_session": session, "labels": ["neu", "hap"], "predictions": preds}
+
+
+def test_the_choice_reads_validation_ua_never_the_test():
+    from dmf.train.select import summarize_selection
+
+    runs = {"preset": {1: _fold(0.50, 1.0), 2: _fold(0.70, 0.5, "Ses02")},
+            "other": {1: _fold(0.60, 0.5), 2: _fold(0.70, 1.0, "Ses02")}}
+    summary = summarize_selection(runs, [1, 2])
+    assert summary["folds"]["1"]["chosen"] == "other"  # higher validation UA, lower test UA
+    assert summary["folds"]["1"]["ua"] == 0.5  # the chosen candidate's test UA is reported
+    assert summary["folds"]["2"]["chosen"] == "preset"  # a tie keeps the first listed
+    assert summary["loso_average"]["mean"]["ua"] == pytest.approx(0.5)
+    assert summary["overall"]["chosen"] == "other"  # mean val 0.65 against 0.60
+    assert summary["overall"]["mean_val_ua"]["preset"] == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"candidates": {}}, "at least one candidate"),
+    ({"candidates": {"a": {"data": {"seed": 3}}}}, "same validation split"),
+    ({"candidates": {"../x": {}}}, "folder name"),
+    ({"candidates": {"a": {"modle": {}}}}, "unknown section"),
+])
+def test_bad_sweep_files_are_refused_by_name(tmp_path, content, message):
+    from dmf.train.select import load_sweep
+
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(path)
+
+
+def test_cli_select_trains_each_candidate_and_keeps_the_best_on_validation(corpus_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from dmf.cli import app
+
+    (tmp_path / "base.json").write_text(json.dumps({"model": {"max_audio_samples": 16000},
+                                                    "train": {"batch_size": 4, "epochs": 1}}))
+    (tmp_path / "sweep.json").write_text(json.dumps({"candidates": {
+        "preset": {}, "w1": {"model": {"similarity_weight": 1.0}}}}))
+    out = tmp_path / "sel"
+    result = CliRunner().invoke(app, ["train", "--data", str(corpus_dir),
+                                      "--out", str(out), "--preset", "tiny", "--config", str(tmp_path / "base.json"),
+                                      "--fold", "2", "--select", str(tmp_path / "sweep.json"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "selection.json").read_text())
+    val = {name: json.loads((out / "candidates" / name / "fold2" / "metrics.json").read_text())["best_val_ua"]
+           for name in ("preset", "w1")}
+    assert summary["folds"]["2"]["val_ua"] == val
+    chosen = summary["folds"]["2"]["chosen"]
+    assert val[chosen] == max(val.values())
+    chosen_test = json.loads((out / "candidates" / chosen / "fold2" / "metrics.json").read_text())["ua"]
+    assert summary["folds"]["2"]["ua"] == chosen_test
+    weights = {name: json.loads((out / "candidates" / name / "config.json").read_text())["model"]["similarity_weight"]
+               for name in ("preset", "w1")}
+    assert weights == {"preset": 0.1, "w1": 1.0}  # the candidate's layer lands over preset, file and flags

@@ -80,12 +80,15 @@ def _flag_layer(flags: dict) -> dict:
     return layer
 
 
-def build_config(preset_name: str, config_file: Path | None, flags: dict) -> DMFConfig:
-    """preset < config file < explicit flags (None = not given)."""
+def build_config(preset_name: str, config_file: Path | None, flags: dict, candidate: dict | None = None,
+                 source: str = "candidate") -> DMFConfig:
+    """preset < config file < explicit flags (None = not given) < a --select candidate's layer."""
     merged = preset(preset_name).to_dict()
     if config_file is not None:
         merged = _merge(merged, _read_config_file(config_file), str(config_file))
     merged = _merge(merged, _flag_layer(flags), "flags")
+    if candidate is not None:
+        merged = _merge(merged, candidate, source)
     return DMFConfig.from_dict(merged)
 
 
@@ -109,7 +112,7 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 
 def _run(flags: dict, preset_name: str, config_file: Path | None, fold: str, out: Path,
-         options: FitOptions) -> dict:
+         options: FitOptions, select: Path | None = None) -> dict:
     from dmf.data.corpus import load_corpus
     from dmf.train.loso import run_training
 
@@ -123,7 +126,19 @@ def _run(flags: dict, preset_name: str, config_file: Path | None, fold: str, out
         raise ConfigError(f"--device {options.device!r}: expected one of {DEVICES}")
     corpus = load_corpus(config.data.path, config.data.format, labels=config.model.labels)
     options.log = lambda line: Console().print(line, highlight=False)
+    if select is not None:
+        return _run_selection(flags, preset_name, config_file, select, corpus, out, folds, options)
     return run_training(config, corpus, out, folds, options=options)
+
+
+def _run_selection(flags: dict, preset_name: str, config_file: Path | None, sweep: Path, corpus, out: Path,
+                   folds: list[int] | None, options: FitOptions) -> dict:
+    """--select: every candidate of the sweep file on every fold, chosen on validation UA (dmf.train.select)."""
+    from dmf.train.select import load_sweep, run_selection
+
+    configs = {name: build_config(preset_name, config_file, flags, layer, f"{sweep}: candidate {name!r}")
+               for name, layer in load_sweep(sweep).items()}
+    return run_selection(configs, corpus, out, folds, options)
 
 
 def _forwarded_args(ctx, skip: tuple[str, ...] = ("nproc",)) -> list[str]:
@@ -197,6 +212,8 @@ def train(
                                      help="Several processes: compare the memory across ranks every 'epoch' or 'step'."),
     dist_timeout: float = typer.Option(DEFAULT_TIMEOUT_S, "--dist-timeout",
                                        help="Several processes: seconds a rank waits for the others before failing."),
+    select: Optional[Path] = typer.Option(None, "--select", help="Sweep file: train each candidate per fold and keep "
+                                                                 "the best on validation UA (docs/training.md)."),
 ) -> None:
     """Train and evaluate leave-one-session-out folds; re-running the same command resumes."""
     if nproc > 1:
@@ -209,7 +226,7 @@ def train(
         main = _join_group(nproc, dist_timeout)
         options = FitOptions(progress=progress and main, checkpoint_every=checkpoint_every,
                              memory_check=memory_check, device=device)
-        summary = _run(flags, preset_name, config_file, fold, out, options)
+        summary = _run(flags, preset_name, config_file, fold, out, options, select)
     except _user_errors() + (_distributed_error(),) as exc:
         fail(exc)
     except RuntimeError as exc:
@@ -217,7 +234,12 @@ def train(
         raise
     finally:
         _leave_group()
-    if main:
+    if main and select is not None:
+        from dmf.train.select import render_selection
+
+        Console().print(render_selection(summary), highlight=False, markup=False)
+        Console().print(f"selection: {out / 'selection.json'}")
+    elif main:
         _print_summary(summary, out)
 
 
