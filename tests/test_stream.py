@@ -341,16 +341,17 @@ def test_1000_streams_at_once_get_a_clean_answer_and_the_server_keeps_serving(se
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
 
 
-def test_a_handshake_past_the_connection_cap_gets_a_503(rt):
+def test_a_handshake_past_the_connection_cap_gets_a_503_and_streams_outlive_the_header_deadline(rt, conversation):
     """With max_connections busy (two open streams), a third WebSocket handshake is answered
-    HTTP 503 JSON, as an HTTP request would be, and the server is not upgraded past its cap."""
+    HTTP 503 JSON, as an HTTP request would be, and the server is not upgraded past its cap. An
+    open stream is not cut by the HTTP header deadline (1 s here) that its connection started with."""
     import websockets
     from websockets.sync.client import connect
 
     from test_server import _start_server, _stop
 
     port = free_port()
-    proc = _start_server(rt.artifact, port, options={"max_streams": 4, "max_connections": 2})
+    proc = _start_server(rt.artifact, port, options={"max_streams": 4, "max_connections": 2, "header_timeout_s": 1.0})
     try:
         url = f"ws://127.0.0.1:{port}/v1/stream"
         held = [connect(url, compression=None) for _ in range(2)]
@@ -361,6 +362,13 @@ def test_a_handshake_past_the_connection_cap_gets_a_503(rt):
             connect(url, compression=None)
         assert refused.value.response.status_code == 503
         assert b"limit of 2 open connections" in refused.value.response.body
+        time.sleep(1.5)  # past the header deadline
+        pcm = conversation.pcm[:4 * RATE].tobytes()
+        for i in range(0, len(pcm), FRAME):
+            held[0].send(pcm[i:i + FRAME])
+        held[0].send(json.dumps({"type": "end"}))
+        events = [json.loads(m) for m in held[0]]  # until the server's close
+        assert held[0].close_code == st.NORMAL and "utterance" in [e["type"] for e in events]
         for ws in held:
             ws.close()
         assert _until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200)
