@@ -232,9 +232,12 @@ class _Stream:
         elif message.get("text") is not None:
             await self._message(message["text"])
 
+    def _check_size(self, size: int) -> None:
+        if size > self.opts.max_frame_bytes:
+            raise _Close(TOO_BIG, f"a {size} byte message is over the {self.opts.max_frame_bytes} byte limit")
+
     async def _audio(self, pcm: bytes) -> None:
-        if len(pcm) > self.opts.max_frame_bytes:
-            raise _Close(TOO_BIG, f"a {len(pcm)} byte message is over the {self.opts.max_frame_bytes} byte limit")
+        self._check_size(len(pcm))
         self.received += len(pcm)
         if self.received > self.opts.max_stream_seconds * self.bytes_per_second:
             self._emit_events(await self._call(self.session.finish))
@@ -243,8 +246,7 @@ class _Stream:
 
     async def _message(self, text: str) -> None:
         """A JSON message after the start: a text, or the end. Anything else: an error event."""
-        if len(text.encode()) > self.opts.max_frame_bytes:
-            raise _Close(TOO_BIG, f"a {len(text.encode())} byte message is over the {self.opts.max_frame_bytes} byte limit")
+        self._check_size(len(text.encode()))
         try:
             message = json.loads(text)
         except json.JSONDecodeError as exc:
