@@ -196,3 +196,22 @@ def test_cli_select_trains_each_candidate_and_keeps_the_best_on_validation(corpu
     weights = {name: json.loads((out / "candidates" / name / "config.json").read_text())["model"]["similarity_weight"]
                for name in ("preset", "w1")}
     assert weights == {"preset": 0.1, "w1": 1.0}  # the candidate's layer lands over preset, file and flags
+
+
+def test_plot_command_draws_runs_and_names_a_missing_fold(logged_run, tmp_path):
+    import subprocess
+    import sys
+
+    fold = tmp_path / "fold1"
+    fold.mkdir()
+    (fold / "metrics.json").write_text(json.dumps(logged_run))
+    naive = {"history": [{k: v for k, v in e.items() if k != "diagnostics"} for e in logged_run["history"]]}
+    (tmp_path / "naive.json").write_text(json.dumps(naive))  # no memory figures: those panels stay empty
+    out = tmp_path / "diag.png"
+    command = [sys.executable, "-m", "dmf.train.diagnostics", f"memory={fold}", f"naive={tmp_path / 'naive.json'}",
+               "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = subprocess.run(command[:3] + [str(tmp_path / "nowhere"), "--out", str(out)], capture_output=True, text=True)
+    assert missing.returncode == 2 and "nowhere" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1

@@ -177,3 +177,109 @@ def epoch_diagnostics(model: nn.Module, rows: tuple[torch.Tensor, ...], batch_si
 def diagnostic_rows(n: int) -> torch.Tensor:
     """The fixed training rows of the per-epoch figures: the first DIAGNOSTIC_ROWS (split order)."""
     return torch.arange(min(n, DIAGNOSTIC_ROWS))
+
+
+# ----------------------------------------------------------------------------------------- plot
+
+PANELS = (  # (title, [(label, path into an epoch entry)], log scale)
+    ("validation UA", [("val UA", ("val_ua",)), ("train acc", ("train_acc",))], False),
+    ("memory effective rank", [("audio", ("diagnostics", "memory_audio", "effective_rank")),
+                               ("text", ("diagnostics", "memory_text", "effective_rank"))], False),
+    ("memory mean cosine", [("audio", ("diagnostics", "memory_audio", "mean_cosine")),
+                            ("text", ("diagnostics", "memory_text", "mean_cosine"))], False),
+    ("read entropy / log n", [("text read", ("diagnostics", "read_text", "entropy")),
+                              ("text read, Gumbel", ("diagnostics", "read_text", "entropy_gumbel")),
+                              ("audio read", ("diagnostics", "read_audio", "entropy")),
+                              ("audio read, Gumbel", ("diagnostics", "read_audio", "entropy_gumbel"))], False),
+    ("read temperature (mean)", [("text read", ("diagnostics", "read_text", "tau_mean")),
+                                 ("audio read", ("diagnostics", "read_audio", "tau_mean"))], True),
+    ("share of temperatures at tau_min", [("text read", ("diagnostics", "read_text", "tau_at_min")),
+                                          ("audio read", ("diagnostics", "read_audio", "tau_at_min"))], False),
+    ("gradient norm (epoch mean)", [(g, (f"grad_{g}",)) for g in GRAD_GROUPS], True),
+    ("BatchNorm |mu_B - mu_run| / sigma_run", [("norm1", ("diagnostics", "batchnorm_norm1", "mean_shift")),
+                                               ("norm2", ("diagnostics", "batchnorm_norm2", "mean_shift"))], False),
+)
+
+
+def _series(history: list[dict], path: tuple[str, ...]) -> list[float]:
+    values = []
+    for entry in history:
+        for key in path:
+            entry = entry.get(key, {}) if isinstance(entry, dict) else {}
+        values.append(float(entry) if isinstance(entry, (int, float)) else float("nan"))
+    return values
+
+
+def plot_diagnostics(runs: dict[str, dict], path: str | Path) -> Path:
+    """PNG of the logged figures per epoch, one column per run ({label: fold metrics.json}), one
+    row per quantity; written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dmf.fileio import atomic_write_bytes
+
+    fig, axes = plt.subplots(len(PANELS), len(runs), figsize=(4.2 * len(runs), 2.1 * len(PANELS)), dpi=100,
+                             squeeze=False, sharex="col")
+    for col, (label, metrics) in enumerate(runs.items()):
+        history = metrics.get("history", [])
+        epochs = [e["epoch"] for e in history]
+        for row, (title, lines, log) in enumerate(PANELS):
+            ax = axes[row][col]
+            for name, key in lines:
+                ax.plot(epochs, _series(history, key), label=name, linewidth=1.2)
+            ax.set_title(f"{label}: {title}" if row == 0 else title, fontsize=8)
+            ax.tick_params(labelsize=7)
+            if log:
+                ax.set_yscale("log")
+            if col == 0:
+                ax.legend(fontsize=6, loc="best")
+        axes[-1][col].set_xlabel("epoch", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+def load_fold_metrics(path: str | Path) -> dict:
+    """A fold's metrics.json (or the fold folder holding it); ConfigError when it is missing or unreadable."""
+    import json
+
+    from dmf.config import ConfigError
+
+    path = Path(path)
+    path = path / "metrics.json" if path.is_dir() else path
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"fold metrics {path}: {exc}") from None
+
+
+def main(folds: list[str], out: Path) -> None:
+    """`python -m dmf.train.diagnostics LABEL=FOLD_DIR ... --out diag.png`."""
+    from dmf.cliutil import fail
+    from dmf.config import ConfigError
+
+    try:
+        runs = {}
+        for item in folds:
+            label, _, where = item.rpartition("=")
+            runs[label or where] = load_fold_metrics(where)
+        print(plot_diagnostics(runs, out))
+    except ConfigError as exc:
+        fail(exc)
+
+
+if __name__ == "__main__":
+    import typer
+
+    def _cli(folds: list[str] = typer.Argument(..., help="LABEL=FOLD_DIR (or a fold's metrics.json), one column each"),
+             out: Path = typer.Option(..., "--out", help="PNG to write")) -> None:
+        main(folds, out)
+
+    typer.run(_cli)
