@@ -284,20 +284,20 @@ def test_over_uvicorn_a_client_that_vanishes_mid_utterance_or_never_reads(server
     url = f"ws://127.0.0.1:{port}/v1/stream"
     pcm = conversation.pcm.tobytes()
     before = _stats(port)
-    ws = connect(url, compression=None)
-    ws.send(json.dumps(START))
-    ws.send(pcm[:int(conversation.truth[0][0] * RATE + RATE) * 2])  # into the first utterance
-    ws.socket.close()  # no close frame: the client is gone
+    with connect(url, compression=None) as ws:
+        ws.send(json.dumps(START))
+        ws.send(pcm[:int(conversation.truth[0][0] * RATE + RATE) * 2])  # into the first utterance
+        ws.socket.close()  # no close frame: the client is gone
     vanished = lambda: sum(_stats(port)["closes_by_code"].get(c, 0) - before["closes_by_code"].get(c, 0)
                            for c in ("1005", "1006"))  # noqa: E731
     assert _until(lambda: vanished() == 1 and _stats(port)["open"] == 0)
-    silent = connect(url, compression=None, max_queue=1)  # reads nothing past one message
-    silent.send(json.dumps(START))
-    for i in range(0, len(pcm), FRAME):
-        silent.send(pcm[i:i + FRAME])
-    silent.send(json.dumps({"type": "end"}))
-    assert _until(lambda: _stats(port)["closes_by_code"].get("1000", 0) > before["closes_by_code"].get("1000", 0))
-    silent.socket.close()
+    with connect(url, compression=None, max_queue=1) as silent:  # reads nothing past one message
+        silent.send(json.dumps(START))
+        for i in range(0, len(pcm), FRAME):
+            silent.send(pcm[i:i + FRAME])
+        silent.send(json.dumps({"type": "end"}))
+        assert _until(lambda: _stats(port)["closes_by_code"].get("1000", 0) > before["closes_by_code"].get("1000", 0))
+        silent.socket.close()
     assert _until(lambda: _stats(port)["open"] == 0)
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
 
@@ -341,36 +341,67 @@ def test_1000_streams_at_once_get_a_clean_answer_and_the_server_keeps_serving(se
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
 
 
-def test_a_handshake_past_the_connection_cap_gets_a_503_and_streams_outlive_the_header_deadline(rt, conversation):
+@pytest.fixture(scope="module")
+def small_server(rt):
+    """A real uvicorn with small limits: 2 connections, a 1 s header deadline, 4 unsent events."""
+    from test_server import _start_server, _stop
+
+    port = free_port()
+    proc = _start_server(rt.artifact, port, options={"max_streams": 4, "max_connections": 2, "header_timeout_s": 1.0,
+                                                     "max_unsent_events": 4})
+    yield port
+    _stop(proc)
+
+
+def test_a_handshake_past_the_connection_cap_gets_a_503_and_streams_outlive_the_header_deadline(small_server,
+                                                                                                 conversation):
     """With max_connections busy (two open streams), a third WebSocket handshake is answered
     HTTP 503 JSON, as an HTTP request would be, and the server is not upgraded past its cap. An
     open stream is not cut by the HTTP header deadline (1 s here) that its connection started with."""
     import websockets
     from websockets.sync.client import connect
 
-    from test_server import _start_server, _stop
-
-    port = free_port()
-    proc = _start_server(rt.artifact, port, options={"max_streams": 4, "max_connections": 2, "header_timeout_s": 1.0})
-    try:
-        url = f"ws://127.0.0.1:{port}/v1/stream"
-        held = [connect(url, compression=None) for _ in range(2)]
-        for ws in held:
+    url = f"ws://127.0.0.1:{small_server}/v1/stream"
+    with connect(url, compression=None) as first, connect(url, compression=None) as second:
+        for ws in (first, second):
             ws.send(json.dumps(START))
             assert json.loads(ws.recv(timeout=30))["type"] == "ready"
         with pytest.raises(websockets.InvalidStatus) as refused:
-            connect(url, compression=None)
+            with connect(url, compression=None):
+                pass
         assert refused.value.response.status_code == 503
         assert b"limit of 2 open connections" in refused.value.response.body
         time.sleep(1.5)  # past the header deadline
         pcm = conversation.pcm[:4 * RATE].tobytes()
         for i in range(0, len(pcm), FRAME):
-            held[0].send(pcm[i:i + FRAME])
-        held[0].send(json.dumps({"type": "end"}))
-        events = [json.loads(m) for m in held[0]]  # until the server's close
-        assert held[0].close_code == st.NORMAL and "utterance" in [e["type"] for e in events]
-        for ws in held:
-            ws.close()
-        assert _until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200)
-    finally:
-        _stop(proc)
+            first.send(pcm[i:i + FRAME])
+        first.send(json.dumps({"type": "end"}))
+        events = [json.loads(m) for m in first]  # until the server's close
+        assert first.close_code == st.NORMAL and "utterance" in [e["type"] for e in events]
+    assert _until(lambda: _stats(small_server)["open"] == 0)
+    assert httpx.get(f"http://127.0.0.1:{small_server}/healthz", timeout=10).status_code == 200
+
+
+def test_over_uvicorn_a_client_that_never_reads_is_closed_4429_and_its_socket_dropped(small_server, conversation):
+    """A client that never reads, with a small receive buffer, whose events are large (a 200 000
+    character placeholder text rides on each utterance): once the socket buffers are full and 4
+    events wait, the stream ends 4429; the close frame cannot be written either, so the server
+    resets the socket instead of holding it open for a reader that never comes."""
+    import socket
+
+    from websockets.sync.client import connect
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", small_server))
+    start = {**START, "options": {"placeholder_text": "x" * 200_000}}
+    pcm = conversation.pcm.tobytes()
+    with connect(f"ws://127.0.0.1:{small_server}/v1/stream", sock=sock, compression=None, max_queue=1) as ws:
+        ws.send(json.dumps(start))
+        for _ in range(10):  # 50 utterances, 10 MB of events
+            for i in range(0, len(pcm), 10 * FRAME):
+                ws.send(pcm[i:i + 10 * FRAME])
+        assert _until(lambda: _stats(small_server)["closes_by_code"].get("4429") == 1, 60)
+        assert _until(lambda: sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0, 10)  # reset by the server
+    assert _stats(small_server)["open"] == 0
+    assert httpx.get(f"http://127.0.0.1:{small_server}/healthz", timeout=10).status_code == 200
