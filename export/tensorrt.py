@@ -72,10 +72,10 @@ def build_target() -> dict:
 
 def profile_batches(max_batch: int) -> tuple[int, int, int]:
     """(min, opt, max) batch of the optimisation profile: TensorRT tunes kernels for opt, so opt is
-    the batch `dmf serve` forms by default, clipped to the plan's max."""
-    from dmf.runtime.server import ServeOptions
+    the batch `dmf serve` forms by default on a GPU, clipped to the plan's max."""
+    from dmf.runtime.server import GPU_MAX_BATCH
 
-    return 1, min(ServeOptions.max_batch, max_batch), max_batch
+    return 1, min(GPU_MAX_BATCH, max_batch), max_batch
 
 
 def pin_fp32(trt, network) -> int:

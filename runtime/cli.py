@@ -446,10 +446,10 @@ def serve(
     artifact: Path = typer.Argument(..., help="Artifact folder written by `dmf export`."),
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
-    max_batch: int = typer.Option(ServeOptions.max_batch, "--max-batch", help="Requests per batch (capped by dmf.json)."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Requests per batch (capped by dmf.json). [default: 2 on a CPU, 8 on a GPU]"),
     max_wait_ms: float = typer.Option(ServeOptions.max_wait_ms, "--max-wait-ms", help="Wait for more requests after the first, ms."),
     max_upload_mb: float = typer.Option(ServeOptions.max_upload_mb, "--max-upload-mb", help="Request body limit, MiB (413 above)."),
-    workers: int = typer.Option(ServeOptions.workers, "--workers", help="Batches run at once (CPU: 2 with --threads 1)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Batches run at once. [default: one per CPU core, each with 1 engine thread; 1 on a GPU]"),
     max_audio_seconds: float = typer.Option(ServeOptions.max_audio_seconds, "--max-audio-seconds", help="Longest accepted clip, s."),
     max_recording_seconds: float = typer.Option(ServeOptions.max_recording_seconds, "--max-recording-seconds", help="Longest recording for /v1/conversation, s."),
     timeout: float = typer.Option(ServeOptions.request_timeout_s, "--timeout", help="Per request, s: body (else 408) and result (else 503)."),
@@ -480,6 +480,8 @@ def serve(
         fail(f"--max-wait-ms {max_wait_ms:g} is invalid: expected at most {MAX_WAIT_MS} ms")
     if not 0 < port < 65536:
         fail(f"--port {port} is invalid: expected 1..65535")
+    if threads is None and workers != 1:  # several workers (the CPU default): one engine thread each, not all cores each
+        threads = 1
     predictor = _load_predictor(artifact, engine, providers, threads, max_audio_seconds)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console().print(f"[yellow]warning:[/yellow] listening on {host}: reachable from other machines; "

@@ -19,6 +19,7 @@ Endpoints (the route table `ROUTES`; each handler reads what it needs from `requ
 - `GET /healthz`: 200 `{"status": "ok", ...artifact summary}` while serving, 503 when closing.
 - `GET /metrics`: JSON by default; Prometheus text exposition with `?format=prometheus`.
   Request counts by status code, batches, batch-size histogram, request latency p50/p99.
+- `GET /openapi.json`: the OpenAPI 3.1 document of these endpoints (runtime/openapi.py).
 
 Limits (`ServeOptions`): at most `max_queue` predict requests at once (each holds at most one
 upload, so upload memory is bounded by max_queue x max_upload_mb; upload parts over 1 MiB spool
@@ -45,7 +46,7 @@ import math
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Awaitable, Callable
 
 import numpy as np
@@ -74,9 +75,9 @@ CLIENT_GONE = 499  # nginx's code for "client closed the request": recorded, nev
 
 @dataclass(frozen=True)
 class ServeOptions:
-    max_batch: int = 8  # requests per batch (capped by dmf.json's max_batch)
+    max_batch: int | None = None  # requests per batch (capped by dmf.json's max_batch); None: machine_defaults
     max_wait_ms: float = 5.0  # how long the batcher waits for more requests after the first
-    workers: int = 1  # batches run at once (CPU: 2 workers x 1 onnxruntime thread uses 2 cores)
+    workers: int | None = None  # batches run at once; None: machine_defaults (CPU: one per core)
     max_upload_mb: float = 10.0  # request body limit (413 above it)
     max_audio_seconds: float = MAX_CLIP_SECONDS  # longest accepted clip (the model uses the first input_samples)
     min_audio_seconds: float = MIN_CLIP_SECONDS  # shortest accepted clip
@@ -99,6 +100,8 @@ class ServeOptions:
         for name in ("max_batch", "max_queue", "workers", "max_connections", "max_segments", "max_streams",
                      "max_frame_bytes", "max_unsent_events"):
             value = getattr(self, name)
+            if value is None and name in ("max_batch", "workers"):
+                continue  # chosen for the machine by resolved()
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} = {value!r} is invalid: expected an integer >= 1")
         # NaN compares false with everything, so each bound is written as "not (valid)"
@@ -113,6 +116,31 @@ class ServeOptions:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    def resolved(self, running: dict[str, Any], cores: int | None = None) -> "ServeOptions":
+        """These options with `workers` and `max_batch` left at None set by `machine_defaults`."""
+        workers, max_batch = machine_defaults(running, cores)
+        return replace(self, workers=self.workers or workers, max_batch=self.max_batch or max_batch)
+
+
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "TensorRT")
+GPU_MAX_BATCH = 8  # dmf serve's batch on a GPU (TensorRT plans are tuned for it: export.tensorrt.profile_batches)
+
+
+def machine_defaults(running: dict[str, Any], cores: int | None = None) -> tuple[int, int]:
+    """(workers, max_batch) that serve fastest for a predictor running as `running`
+    (`Predictor.running()`) on `cores` CPU cores (default: those this process may use).
+    On a CPU batching saves nothing for this model (a clip's conv feature encoder costs the same
+    alone or batched; past 4 clips more, out of cache), so one worker per core, each with one
+    engine thread (`dmf serve` loads the predictor with threads=1), in batches of 2: measured
+    against sequential calls in docs/serving.md, "Batching". On a GPU one worker and GPU_MAX_BATCH."""
+    if running.get("running_engine") == "trt" or any(p in GPU_PROVIDERS for p in running.get("providers", ())):
+        return 1, GPU_MAX_BATCH
+    if cores is None:
+        from dmf.cpuinfo import cpu_info
+
+        cores = cpu_info().cores
+    return max(1, cores), 2
 
 
 def _finite(value: Any) -> bool:
@@ -457,12 +485,24 @@ async def metrics_route(request):
                        "streams": state.streams.snapshot(), "options": asdict(state.options)})
 
 
-# (method, path, handler): add a route here; handlers take the request and read app.state.
+async def openapi_route(request):
+    """GET /openapi.json: this server's OpenAPI 3.1 document (dmf.runtime.openapi)."""
+    from dmf import __version__
+
+    from .openapi import document
+
+    state = request.app.state
+    return _json(200, document(state.predictor.labels, state.options.max_upload_mb, __version__))
+
+
+# (method, path, handler): add a route here, and its operation to runtime/openapi.py (tests/test_openapi.py
+# checks both ways); handlers take the request and read app.state.
 ROUTES: list[tuple[str, str, Callable]] = [
     ("POST", "/v1/predict", predict_route),
     ("POST", "/v1/conversation", conversation_route),
     ("GET", "/healthz", health_route),
     ("GET", "/metrics", metrics_route),
+    ("GET", "/openapi.json", openapi_route),
 ]
 
 
@@ -532,7 +572,7 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None):
     from starlette.middleware import Middleware
     from starlette.routing import Route
 
-    opts = options or ServeOptions()
+    opts = (options or ServeOptions()).resolved(predictor.running())
     metrics = ServerMetrics()
 
     def preprocess(audio, text, sample_rate=None):  # a rate for /v1/stream's 16 kHz arrays

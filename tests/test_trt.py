@@ -501,9 +501,9 @@ def test_trt_builder_failure_is_one_export_error_line(monkeypatch, tmp_path):
 
 def test_profile_opt_batch_is_the_servers_default_batch():
     from dmf.export.tensorrt import profile_batches
-    from dmf.runtime.server import ServeOptions
+    from dmf.runtime.server import GPU_MAX_BATCH, machine_defaults
 
-    assert ServeOptions.max_batch == 8
+    assert GPU_MAX_BATCH == 8 and machine_defaults({"running_engine": "trt", "providers": ["TensorRT"]}) == (1, 8)
     assert profile_batches(32) == (1, 8, 32) and profile_batches(4) == (1, 4, 4) and profile_batches(1) == (1, 1, 1)
 
 
@@ -557,9 +557,17 @@ def _export_wiring(monkeypatch, plan_file, precision: str, version: str = "10.99
     return pipeline, options, cfg, seen
 
 
-def _trt_job(pipeline, tmp_path, feeds, reference, options, cfg, parity):
+def _report():
+    """The parity report as _build hands it to the engine step (fp32 graph verified on ONNX Runtime)."""
+    from dmf.export.artifact import ParityReport
+
+    return ParityReport(samples=2, max_abs_diff=0.0, argmax_agreement=1.0, fp32_max_abs_diff=0.0,
+                        fp32_argmax_agreement=1.0, inputs={}, tolerance=1e-4)
+
+
+def _trt_job(pipeline, tmp_path, feeds, reference, options, cfg, parity=None):
     """The export job record _tensorrt takes (no real clips: reduced precisions are not gated)."""
-    return pipeline._Job(tmp_path / "fp32.onnx", tmp_path, feeds, reference, options, cfg, parity, None)
+    return pipeline._Job(tmp_path / "fp32.onnx", tmp_path, feeds, reference, options, cfg, parity or _report(), None)
 
 
 def test_export_verifies_the_plan_through_the_runtime_engine(monkeypatch, cuda, fake_trt, plan_file, tmp_path):
@@ -568,13 +576,13 @@ def test_export_verifies_the_plan_through_the_runtime_engine(monkeypatch, cuda, 
 
     trt = fake_trt(max_batch=4)
     pipeline, options, cfg, seen = _export_wiring(monkeypatch, plan_file, "fp32")
-    feeds, parity = _batch(6, seed=3), {"checked_with": "onnxruntime-cpu"}
+    feeds, parity = _batch(6, seed=3), _report()
     plan = pipeline._tensorrt(_trt_job(pipeline, tmp_path, feeds, fake_log_probs(feeds), options, cfg, parity))
     assert plan == tmp_path / "model.plan" and seen["source"] == tmp_path / "fp32.onnx" and seen["max_batch"] == 4
     assert seen["input_dims"] == {n: (w,) for n, w in WIDTHS.items()}
     assert [c.batches for c in trt.plans[0].contexts] == [[4, 2, 1, 1, 1, 1, 1, 1]]  # whole (max 4), then batch 1
-    assert parity["checked_with"] == "tensorrt" and parity["argmax_agreement"] == 1.0
-    assert parity["max_abs_diff"] < 1e-6
+    assert parity.checked_with == "tensorrt" and parity.argmax_agreement == 1.0
+    assert parity.max_abs_diff < 1e-6
     assert cuda.allocs == cuda.frees and len(cuda.destroyed) == 1 and cuda.violations == []  # engine closed
     from dmf.config import preset
 
@@ -583,9 +591,9 @@ def test_export_verifies_the_plan_through_the_runtime_engine(monkeypatch, cuda, 
     assert meta["tensorrt"] == {"version": "10.99.0", "gpu": "Fake GPU", "compute_capability": "9.0"}
     assert "tensorrt" not in manifest(model_config=preset("tiny").model, engine="onnx", precision="fp32",
                                       max_batch=4, checkpoint=tmp_path, checkpoint_sha256="0", files={},
-                                      parity={"checked_with": "onnxruntime-cpu"})
+                                      parity=_report())
     with pytest.raises(ExportError) as err:  # a plan that disagrees with the reference is refused
-        pipeline._tensorrt(_trt_job(pipeline, tmp_path, feeds, fake_log_probs(feeds) + 1e-3, options, cfg, {}))
+        pipeline._tensorrt(_trt_job(pipeline, tmp_path, feeds, fake_log_probs(feeds) + 1e-3, options, cfg))
     assert _one_line(err).startswith("TensorRT fp32 export failed verification: max abs diff 1.0e-03")
 
 
@@ -595,12 +603,12 @@ def test_export_fp16_on_tensorrt_11_op_checks_the_fp16_graph(monkeypatch, cuda, 
     fake_trt(max_batch=4, version="11.1.0")
     pipeline, options, cfg, seen = _export_wiring(monkeypatch, plan_file, "fp16", version="11.1.0")
     monkeypatch.setattr(optimize, "convert_fp16", lambda src, dst: Path(dst))
-    feeds, parity = _batch(2), {}
+    feeds, parity = _batch(2), _report()
     pipeline._tensorrt(_trt_job(pipeline, tmp_path, feeds, fake_log_probs(feeds), options, cfg, parity))
     assert seen["source"] == tmp_path / "fp16.onnx" and seen["opcheck"] == ["fp16 graph"]
     assert seen["precision"] == "fp16"
     # no real clips given: the plan ships, and dmf.json says in one line that it was not gated
-    assert parity["accuracy_gate"] == {"gated": False, "reason": pipeline.NOT_GATED} and parity["tolerance"] is None
+    assert parity.accuracy_gate == {"gated": False, "reason": pipeline.NOT_GATED} and parity.tolerance is None
 
 
 def test_make_test_gpu_stops_before_installing_without_a_cuda_device(tmp_path):
