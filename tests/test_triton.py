@@ -314,8 +314,8 @@ def test_cli_passes_the_triton_options(rt, monkeypatch):  # noqa: F811
 
     seen = {}
 
-    def fake_export(checkpoint, out, **kwargs):
-        seen.update(kwargs)
+    def fake_export(checkpoint, out, options, **kwargs):
+        seen.update(vars(options))
         return rt.artifact
 
     monkeypatch.setattr(pipeline, "export_checkpoint", fake_export)
