@@ -133,7 +133,8 @@ def machine_defaults(running: dict[str, Any], cores: int | None = None) -> tuple
     On a CPU batching saves nothing for this model (a clip's conv feature encoder costs the same
     alone or batched; past 4 clips more, out of cache), so one worker per core, each with one
     engine thread (`dmf serve` loads the predictor with threads=1), in batches of 2: measured
-    against sequential calls in docs/serving.md, "Batching". On a GPU one worker and GPU_MAX_BATCH."""
+    against sequential calls in docs/serving.md, "Batching: workers, threads and batch size". On a
+    GPU one worker and GPU_MAX_BATCH."""
     if running.get("running_engine") == "trt" or any(p in GPU_PROVIDERS for p in running.get("providers", ())):
         return 1, GPU_MAX_BATCH
     if cores is None:
