@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dmf.contract import MAX_TEXT_CHARS
 from dmf.errors import first_line
 
 from .batcher import BatcherClosed, Overloaded
@@ -136,6 +137,9 @@ def live_options(requested: Any, window_s: float, max_seconds: float) -> LiveOpt
     unknown = sorted(set(requested) - set(CLIENT_OPTIONS))
     if unknown:
         raise ValueError(f"options: unknown field(s) {unknown}: expected some of {', '.join(CLIENT_OPTIONS)}")
+    placeholder = requested.get("placeholder_text")
+    if isinstance(placeholder, str) and len(placeholder) > MAX_TEXT_CHARS:  # it rides on every event
+        raise ValueError(f"placeholder_text is {len(placeholder)} characters: expected at most {MAX_TEXT_CHARS}")
     chosen = {"max_utterance_s": window_s, **requested}
     cap = chosen["max_utterance_s"]
     if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > max_seconds:
@@ -260,8 +264,8 @@ class _Stream:
         uid, words = message.get("utterance_id"), message.get("text")
         if isinstance(uid, bool) or not isinstance(uid, int) or not isinstance(words, str):
             return self._error('a text message needs "utterance_id" (an integer) and "text" (a string)', uid)
-        try:
-            self._emit_events(await self._call(self.session.provide_text, uid, words))
+        try:  # cut as the model's preprocessing cuts it; the event carries it, so this bounds events too
+            self._emit_events(await self._call(self.session.provide_text, uid, words[:MAX_TEXT_CHARS]))
         except (UnknownUtterance, ValueError) as exc:
             self._error(first_line(exc), uid)
 
