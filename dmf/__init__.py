@@ -13,7 +13,20 @@ DISTRIBUTION = "dmf-ser"
 
 
 def install_hint(extra: str) -> str:
-    """The pip line that adds an optional extra, for error messages: pip install "dmf-ser[serve]"."""
+    """The pip line that adds an optional extra, for error messages. dmf is not on the index yet, so
+    an install from a clone (the usual one) is told to reinstall that clone with the extra:
+    pip install -e "/path/to/clone[serve]"; an installed wheel gets pip install "dmf-ser[serve]"."""
+    clone = source_checkout()
+    if clone is not None:
+        return f'pip install -e "{clone}[{extra}]"'
     return f'pip install "{DISTRIBUTION}[{extra}]"'
+
+
+def source_checkout():
+    """The clone dmf runs from (an editable install: pyproject.toml beside the package), or None."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
 
 from dmf.contract import LABELS  # noqa: E402,F401  (the paper's four classes, defined once)

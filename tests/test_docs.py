@@ -162,16 +162,20 @@ def test_nothing_cites_the_design_note_outside_the_repository():
     assert not hits, f"{marker} cited in: " + ", ".join(hits)
 
 
-def test_install_hints_use_the_distribution_name():
+def test_install_hints_use_the_distribution_name(monkeypatch):
     """`dmf` on the package index is another project: an extra is installed as dmf-ser[...]
     (dmf.install_hint), never dmf[...]. bench/results holds recorded output and is left as it was."""
     wrong = re.compile(r"(?<![\w-])dmf\[[a-z0-9,-]+\]")
     hits = [f"{rel}:{n}" for rel, text in project_files() if rel.parts[:2] != ("bench", "results")
             for n, line in enumerate(text.splitlines(), 1) if wrong.search(line)]
     assert not hits, "install hints naming the wrong distribution: " + ", ".join(hits)
+    import dmf
     from dmf import DISTRIBUTION, install_hint
 
-    assert DISTRIBUTION != "dmf" and f'"{DISTRIBUTION}[serve]"' in install_hint("serve")
+    # from a clone (no release yet): reinstall that clone with the extra; from a wheel: the index name
+    assert install_hint("serve") == f'pip install -e "{REPO.resolve()}[serve]"'
+    monkeypatch.setattr(dmf, "source_checkout", lambda: None)
+    assert DISTRIBUTION != "dmf" and install_hint("serve") == f'pip install "{DISTRIBUTION}[serve]"'
 
 
 def test_readme_is_short():

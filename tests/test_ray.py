@@ -14,7 +14,7 @@ import soundfile as sf
 from conftest_runtime import SR, rt  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
-ray = pytest.importorskip("ray", reason="the [ray] extra is not installed (pip install \"dmf-ser[ray]\")")
+ray = pytest.importorskip("ray", reason="the [ray] extra is not installed (pip install -e \".[ray]\" in the clone)")
 
 from dmf.runtime import ray as dray  # noqa: E402
 from dmf.runtime.outputs import RowWriter  # noqa: E402

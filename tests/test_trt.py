@@ -439,7 +439,9 @@ def test_predictor_without_tensorrt_is_one_engine_error_line(plan_artifact, monk
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
     with pytest.raises(EngineError) as err:
         Predictor.load(plan_artifact, engine="trt")
-    assert _one_line(err) == 'tensorrt is not installed: `pip install "dmf-ser[trt]"` (needs a CUDA GPU)'
+    from dmf import install_hint
+
+    assert _one_line(err) == f"tensorrt is not installed: `{install_hint('trt')}` (needs a CUDA GPU)"
 
 
 def test_predictor_when_tensorrt_runtime_fails_is_one_engine_error_line(plan_artifact, fake_trt, cuda):
