@@ -76,13 +76,17 @@ def _vtt(events: list[dict]) -> str:
     return "WEBVTT\n\n" + "\n".join(f"{ts(e['start_s'])} --> {ts(e['end_s'])}\n{e['text']}\n" for e in events)
 
 
-def test_the_page_shows_each_utterance_with_its_offline_label(rt, predictor, browser, conversation, tmp_path):
+@pytest.mark.parametrize("rate", ["16k", "native"])
+def test_the_page_shows_each_utterance_with_its_offline_label(rt, predictor, browser, conversation, tmp_path, rate):
+    """rate: the page's 16 kHz audio context (the browser resamples), or the device's own rate
+    (`?native_rate=1`: the worklet's own downsampler, for browsers that refuse a 16 kHz context)."""
     from selenium.webdriver.common.by import By
 
     port = free_port()
     proc = _start_server(rt.artifact, port)
     try:
-        query = urllib.parse.urlencode({"record": 1, "transcript": json.dumps(conversation.texts)})
+        query = {"record": 1, "transcript": json.dumps(conversation.texts)}
+        query = urllib.parse.urlencode({**query, **({"native_rate": 1} if rate == "native" else {})})
         browser.get(f"http://127.0.0.1:{port}/live?{query}")
         browser.find_element(By.ID, "start").click()
         deadline = time.monotonic() + len(conversation.pcm) / RATE + 30
@@ -96,6 +100,7 @@ def test_the_page_shows_each_utterance_with_its_offline_label(rt, predictor, bro
     finally:
         _stop(proc)
     assert live["closed"] == {"code": 1000, "reason": "page stopped"}, (live["closed"], live["events"][-3:])
+    assert (live["rate"] == RATE) == (rate == "16k"), live["rate"]  # which path ran
     events = live["events"]
     utterances = [e for e in events if e["type"] == "utterance"]
     assert rows == [[e["label"], e["text"]] for e in utterances]  # what the page shows: one row each

@@ -8,7 +8,8 @@
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 // ?record=1 keeps every PCM block sent, so a test can score the very samples the server got
-const live = (window.dmfLive = { events: [], closed: null, running: false, sent: params.has("record") ? [] : null });
+const live = (window.dmfLive = { events: [], closed: null, running: false, rate: null,
+                                  sent: params.has("record") ? [] : null }); // rate: the capture's
 live.recording = () => { // base64 of the int16 PCM sent so far (only with ?record=1)
   const bytes = new Uint8Array(live.sent.reduce((n, b) => n + b.byteLength, 0));
   let at = 0;
@@ -43,11 +44,17 @@ async function startAudio(onBlock) {
   const stream = await navigator.mediaDevices.getUserMedia({
     audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false },
   });
-  let ctx;
-  try { ctx = new AudioContext({ sampleRate: 16000 }); } // the browser resamples the microphone
-  catch (e) { ctx = new AudioContext(); }                   // the worklet downsamples instead
+  let ctx, source;
+  try { // a 16 kHz context: the browser resamples the microphone (?native_rate=1: not asked, for tests)
+    if (params.has("native_rate")) throw new Error("the device's rate was asked for");
+    ctx = new AudioContext({ sampleRate: 16000 });
+    source = ctx.createMediaStreamSource(stream); // Firefox refuses a rate other than the device's
+  } catch (e) { // the device's rate: the worklet downsamples instead
+    if (ctx) ctx.close();
+    ctx = new AudioContext();
+    source = ctx.createMediaStreamSource(stream);
+  }
   await ctx.audioWorklet.addModule("/live/pcm-worklet.js");
-  const source = ctx.createMediaStreamSource(stream);
   const node = new AudioWorkletNode(ctx, "pcm-processor");
   const mute = ctx.createGain();
   mute.gain.value = 0; // pulled by the destination so the graph runs, but silent
@@ -101,6 +108,7 @@ async function onReady(ready) {
     return;
   }
   live.running = true;
+  live.rate = audio.rate;
   status(`listening (${audio.rate} Hz capture, sent as 16 kHz int16)`);
   if (!transcript && $("recognition").checked) startRecognition();
 }
