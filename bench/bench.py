@@ -10,6 +10,9 @@ torch through `dmf.torch_engine.TorchEngine`, the artifacts through `dmf.runtime
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import platform
 import shutil
 import tempfile
@@ -31,6 +34,10 @@ ENGINES = (*TORCH_ENGINES, *ARTIFACT_ENGINES)
 BASELINES = ("torch", "torch-bf16")  # what users would otherwise run: every speedup is against these
 PAPER_MS_PER_SAMPLE = {"memory": 91.0, "naive": 63.0}  # paper §3.2, NVIDIA M40/T4 GPUs
 DEFAULT_ENGINES = ("torch", "torch-bf16", "onnx", "onnx-int8", "openvino-bf16", "openvino-int8", "trt")
+# --quick: the fp32 baseline and the two cheapest exports (no OpenVINO conversion or NNCF calibration,
+# which took most of the paper bench's export time), few rounds: a first look, not a figure to quote
+QUICK_ENGINES = ("torch", "onnx", "onnx-int8")
+QUICK_TIMING = TimingOptions(warmup=1, min_runs=5, min_seconds=0.0)
 
 
 class BenchError(RuntimeError):
@@ -169,32 +176,50 @@ def _artifact_engine(case: Case, name: str, threads: int):
 
 # --------------------------------------------------------------------------------------- timing
 def run_bench(cases: list[Case], options: BenchOptions = BenchOptions(),
-              progress: Callable[[str], None] | None = None) -> dict:
+              progress: Callable[[str], None] | None = None,
+              on_partial: Callable[[dict], None] | None = None) -> dict:
     """Time every (engine, fusion) per batch size in interleaved rounds. Returns {"machine", "rows",
-    "ratios", "skipped", "head", "flops_per_sample", ...}: see docs/performance.md, "How to read dmf bench"."""
+    "ratios", "skipped", "head", "flops_per_sample", "complete", ...}: see docs/performance.md, "How
+    to read dmf bench". After each batch size, `on_partial` gets the result so far ("complete": False)
+    and each finished row is logged through `progress`: a long run leaves what it measured."""
     say = progress or (lambda _msg: None)
     skipped: list[dict] = []
     engines = {(name, case.fusion): engine for case in cases
                for name, engine in open_engines(case, options.engines, options.threads, skipped).items()}
     shapes = {case.fusion: _input_shapes(case) for case in cases}
+    # FLOPs and the GEMM peak first: every partial result then has all its columns
+    flops = {case.fusion: _flops(case) for case in cases} if options.measure_peak else {}
+    peak = matmul_peak_gflops(threads=options.threads) if options.measure_peak else None
+    paper = any(case.paper_shaped for case in cases)
+    partial = dict(machine=machine_info(options.threads), peak=peak, flops=flops, paper=paper, options=options,
+                   skipped=skipped)
     rows, ratios = [], []
     for batch in options.batch_sizes:
         say(f"timing {len(engines)} engine(s) at batch {batch} in interleaved rounds")
         inputs = {f: synthetic_inputs(**shape, batch=batch, seed=options.seed) for f, shape in shapes.items()}
         calls = {key: (lambda e=engine, x=inputs[key[1]]: e.infer(x)) for key, engine in engines.items()}
         times = time_rounds(calls, options.timing) if calls else {}
-        rows += [BenchRow(n, f, batch, latency_stats(t, batch)) for (n, f), t in times.items()]
+        done = [BenchRow(n, f, batch, latency_stats(t, batch)) for (n, f), t in times.items()]
+        rows += done
         ratios += compute_ratios(times, batch, options.seed)
+        _add_relative_columns(rows, flops, peak, paper)
+        for row in done:
+            say(f"batch {batch}: {row.engine} {row.fusion} p50 {row.latency.p50_ms_per_sample:.1f} ms per sample")
+        if on_partial is not None:
+            on_partial(_result(rows, ratios, None, complete=False, **partial))
     for engine in engines.values():
         engine.close()
-    flops = {case.fusion: _flops(case) for case in cases} if options.measure_peak else {}
-    peak = matmul_peak_gflops(threads=options.threads) if options.measure_peak else None
-    paper = any(case.paper_shaped for case in cases)
-    _add_relative_columns(rows, flops, peak, paper)
     head = head_latency(cases, options, say) if options.head else None
-    return {"machine": machine_info(options.threads), "matmul_peak_gflops": peak, "flops_per_sample": flops,
-            "paper_ms_per_sample": PAPER_MS_PER_SAMPLE if paper else None, "rows": rows, "ratios": ratios,
-            "head": head, "skipped": skipped, "options": {**asdict(options), "timing": asdict(options.timing)}}
+    return _result(rows, ratios, head, complete=True, **partial)
+
+
+def _result(rows: list[BenchRow], ratios: list[dict], head: dict | None, *, machine: dict, peak: float | None,
+            flops: dict, paper: bool, options: BenchOptions, skipped: list[dict], complete: bool) -> dict:
+    """The bench result dict (bench.json); complete=False while batch sizes are still to come."""
+    return {"machine": machine, "complete": complete, "matmul_peak_gflops": peak, "flops_per_sample": flops,
+            "paper_ms_per_sample": PAPER_MS_PER_SAMPLE if paper else None, "rows": list(rows),
+            "ratios": list(ratios), "head": head, "skipped": list(skipped),
+            "options": {**asdict(options), "timing": asdict(options.timing)}}
 
 
 def _input_shapes(case: Case) -> dict[str, int]:
@@ -336,37 +361,78 @@ def _head_inputs(embed_dim: int, batch: int) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------ cases from a preset
 def preset_cases(preset_name: str, fusions: tuple[str, ...], engines: tuple[str, ...], work_dir: Path,
-                 progress: Callable[[str], None] | None = None) -> list[Case]:
-    """Random-weight checkpoints at the preset's shapes (no download) and their exports."""
-    import torch
-
-    from dmf.config import preset
-    from dmf.model import DMFModel
-
+                 progress: Callable[[str], None] | None = None, cache: Path | None = None) -> list[Case]:
+    """Random-weight checkpoints at the preset's shapes (no download) and their exports, built
+    under `work_dir`, or with `cache` under `cache/<cache_key>` and reused from there by the next
+    run (the paper preset's exports took 24 minutes)."""
     say = progress or (lambda _msg: None)
     cases = []
     for fusion in fusions:
-        cfg = preset(preset_name, fusion=fusion)
-        if preset_name == "paper":  # base shapes, random weights: latency is measured at the paper's size
-            cfg = cfg.replace("model", audio_encoder=None, text_encoder=None,
-                              audio_encoder_config={}, text_encoder_config={})
-        say(f"building {preset_name} {fusion} model (random weights)")
-        torch.manual_seed(0)  # same encoder weights for every fusion
-        checkpoint = DMFModel(cfg, pretrained=False).eval().save_pretrained(work_dir / f"{fusion}-checkpoint")
+        cfg = preset_config(preset_name, fusion)
+        root = cache / cache_key(preset_name, cfg) if cache else work_dir / fusion
+        checkpoint = root / "checkpoint"
+        if (checkpoint / "config.json").is_file():  # checkpoints are renamed in whole: present = complete
+            say(f"reusing the {preset_name} {fusion} checkpoint in {root}")
+        else:
+            say(f"building {preset_name} {fusion} model (random weights) in {root}")
+            _random_model(cfg).save_pretrained(checkpoint)
         case = Case(fusion=fusion, checkpoint=checkpoint, paper_shaped=preset_name == "paper")
-        export_for_engines(case, engines, work_dir / fusion, say)
+        export_for_engines(case, engines, root, say, reuse=cache is not None)
         cases.append(case)
     return cases
 
 
-def export_for_engines(case: Case, engines: tuple[str, ...], out_root: Path, say: Callable[[str], None]) -> None:
-    """Export the case's checkpoint once per artifact engine; one that cannot be built here
-    (TensorRT without a GPU) is recorded with the reason and reported as skipped. Static int8
-    calibrates on seeded synthetic clips: random weights have no corpus, and the speed is the same."""
+def preset_config(preset_name: str, fusion: str):
+    """The preset's config for a random-weight model; the paper preset at base shapes without a
+    download (latency is measured at the paper's size, weights do not matter)."""
+    from dmf.config import preset
+
+    cfg = preset(preset_name, fusion=fusion)
+    if preset_name == "paper":
+        cfg = cfg.replace("model", audio_encoder=None, text_encoder=None,
+                          audio_encoder_config={}, text_encoder_config={})
+    return cfg
+
+
+def _random_model(cfg):
+    import torch
+
+    from dmf.model import DMFModel
+
+    torch.manual_seed(0)  # same encoder weights for every fusion, and for every run (the cache relies on it)
+    return DMFModel(cfg, pretrained=False).eval()
+
+
+def cache_key(preset_name: str, cfg) -> str:
+    """'<preset>-<fusion>-<hash>': the hash covers the whole config, dmf's version and the versions
+    of torch / onnxruntime / openvino, so a change to any of them builds afresh. Engine and
+    precision are the folders inside (bench engine names, ARTIFACT_ENGINES)."""
+    from dmf import __version__
+
+    blob = json.dumps({"config": cfg.to_dict(), "dmf": __version__, "versions": _versions(), "seed": 0},
+                      sort_keys=True, default=str)
+    return f"{preset_name}-{cfg.model.fusion}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/dmf/bench, else ~/.cache/dmf/bench."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dmf" / "bench"
+
+
+def export_for_engines(case: Case, engines: tuple[str, ...], out_root: Path, say: Callable[[str], None],
+                       reuse: bool = False) -> None:
+    """Export the case's checkpoint once per artifact engine (with `reuse`, an artifact already in
+    out_root is kept); one that cannot be built here (TensorRT without a GPU) is recorded with the
+    reason and reported as skipped. Static int8 calibrates on seeded synthetic clips: random
+    weights have no corpus, and the speed is the same."""
     from dmf.export import ExportError, export_checkpoint
 
     for name in engines:
         if name not in ARTIFACT_ENGINES:
+            continue
+        if reuse and _artifact_present(out_root / name):
+            say(f"reusing {case.fusion} -> {name} from {out_root / name}")
+            case.artifacts[name] = out_root / name
             continue
         kind, precision = ARTIFACT_ENGINES[name]
         calibration = _synthetic_calibration(case) if (kind, precision) == ("openvino", "int8") else None
@@ -376,6 +442,18 @@ def export_for_engines(case: Case, engines: tuple[str, ...], out_root: Path, say
                                                      precision=precision, calibration=calibration, force=True)
         except ExportError as exc:
             case.unavailable[name] = str(exc)
+
+
+def _artifact_present(path: Path) -> bool:
+    """An artifact folder that reads as one (exports are renamed in whole; the engine's open
+    checks every file's sha256 again)."""
+    from dmf.runtime.artifact import ArtifactError, load_artifact
+
+    try:
+        load_artifact(path, verify=False)
+    except (ArtifactError, OSError):
+        return False
+    return True
 
 
 def _synthetic_calibration(case: Case, samples: int = 16) -> dict:

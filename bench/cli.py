@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from dmf.bench.bench import DEFAULT_ENGINES, ENGINES, BenchError
+from dmf.bench.bench import DEFAULT_ENGINES, ENGINES, QUICK_ENGINES, QUICK_TIMING, BenchError
 from dmf.cliutil import console, fail
 
 
@@ -24,14 +24,22 @@ def _csv(value: str, cast=str) -> tuple:
 def bench(
     artifacts: Optional[List[Path]] = typer.Argument(None, help="Exported artifact dirs to time."),
     preset: Optional[str] = typer.Option(None, help="Build random-weight models at a preset's shapes: paper | tiny."),
-    engines: str = typer.Option(",".join(DEFAULT_ENGINES), help="Engines, comma-separated: " + ", ".join(ENGINES) + "."),
+    quick: bool = typer.Option(False, "--quick", help="Engines " + ",".join(QUICK_ENGINES) + " (unless --engines), "
+                               f"{QUICK_TIMING.min_runs} rounds after {QUICK_TIMING.warmup} warm-up call: a first look."),
+    engines: Optional[str] = typer.Option(None, help="Engines, comma-separated: " + ", ".join(ENGINES)
+                                          + f". [default: {','.join(DEFAULT_ENGINES)}]"),
     batch_sizes: str = typer.Option("1,8", help="Batch sizes, comma-separated."),
     fusion: str = typer.Option("memory,naive", help="Fusions to build with --preset."),
-    out: Optional[Path] = typer.Option(None, help="Write bench.json, bench.md and bench.png (batcher.json/.md) here."),
+    out: Optional[Path] = typer.Option(None, help="Write bench.json, bench.md and bench.png (batcher.json/.md) here; "
+                                       "bench.json and bench.md are rewritten after each batch size."),
+    cache: Optional[Path] = typer.Option(None, help="--preset: keep checkpoints and exports here and reuse them "
+                                         "next run. [default: ~/.cache/dmf/bench]"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="--preset: export into a temporary folder, removed after."),
     threads: int = typer.Option(2, help="Intra-op threads for every engine."),
-    warmup: int = typer.Option(2, help="Untimed warm-up calls per engine."),
-    min_runs: int = typer.Option(10, help="Minimum timed rounds (each round times every engine once)."),
-    min_seconds: float = typer.Option(2.0, help="Keep adding rounds until this much time has passed."),
+    warmup: Optional[int] = typer.Option(None, help="Untimed warm-up calls per engine. [default: 2]"),
+    min_runs: Optional[int] = typer.Option(None, help="Minimum timed rounds (each times every engine once). [default: 10]"),
+    min_seconds: Optional[float] = typer.Option(None, help="Keep adding rounds until this much time has passed. "
+                                                "[default: 2.0]"),
     head: bool = typer.Option(True, "--head/--no-head", help="Also time the fusion head alone (memory vs naive)."),
     head_threads: int = typer.Option(1, help="Threads of the fusion-head timing."),
     batcher: bool = typer.Option(False, "--batcher", help="Instead: the runtime's micro-batcher under concurrent "
@@ -42,9 +50,12 @@ def bench(
     max_wait_ms: float = typer.Option(5.0, help="--batcher: MicroBatcher max_wait_ms."),
     workers: int = typer.Option(2, help="--batcher: workers of the multi-worker configurations."),
 ) -> None:
-    """Latency and throughput per engine, fusion and batch size, timed in interleaved rounds against
-    torch eager fp32 and torch bf16 autocast (paired ratios with 95 % intervals), and against the
-    paper's 91 ms (memory) / 63 ms (naive) per sample for paper-shaped models."""
+    """Latency and throughput per engine, fusion and batch size against torch fp32 and torch bf16.
+
+    Engines are timed in interleaved rounds against torch eager fp32 and torch bf16 autocast
+    (paired ratios with 95 % intervals), and against the paper's 91 ms (memory) / 63 ms (naive)
+    per sample for paper-shaped models. How long: see docs/performance.md, "How long the paper
+    bench takes"."""
     if batcher:
         if preset or len(artifacts or []) != 1:
             fail("--batcher times one exported artifact: give exactly one ARTIFACT dir (no --preset)")
@@ -56,19 +67,25 @@ def bench(
     from dmf.bench.bench import BenchOptions
     from dmf.bench.measure import TimingOptions
 
+    base = QUICK_TIMING if quick else TimingOptions()
+    timing = TimingOptions(warmup=base.warmup if warmup is None else warmup,
+                           min_runs=base.min_runs if min_runs is None else min_runs,
+                           min_seconds=base.min_seconds if min_seconds is None else min_seconds)
+    chosen = _csv(engines) if engines else (QUICK_ENGINES if quick else DEFAULT_ENGINES)
     try:
-        options = BenchOptions(engines=_csv(engines), batch_sizes=_csv(batch_sizes, int), fusions=_csv(fusion),
-                               threads=threads, head=head, head_threads=head_threads,
-                               timing=TimingOptions(warmup=warmup, min_runs=min_runs, min_seconds=min_seconds))
+        options = BenchOptions(engines=chosen, batch_sizes=_csv(batch_sizes, int), fusions=_csv(fusion),
+                               threads=threads, head=head, head_threads=head_threads, timing=timing)
     except BenchError as exc:
         fail(exc)
-    _bench(list(artifacts or []), preset, options, out)
+    _bench(list(artifacts or []), preset, options, out, cache, use_cache=not no_cache)
 
 
-def _bench(artifacts: list[Path], preset: str | None, options, out: Path | None) -> None:
+def _bench(artifacts: list[Path], preset: str | None, options, out: Path | None, cache: Path | None,
+           use_cache: bool = True) -> None:
     from rich.markup import escape
 
-    from dmf.bench.bench import artifact_cases, preset_cases, remove_work_dir, run_bench, temporary_work_dir
+    from dmf.bench.bench import (artifact_cases, default_cache_dir, preset_cases, remove_work_dir, run_bench,
+                                 temporary_work_dir)
     from dmf.bench.render import print_result, write_outputs
     from dmf.checkpoint import CheckpointError
     from dmf.config import ConfigError
@@ -78,12 +95,14 @@ def _bench(artifacts: list[Path], preset: str | None, options, out: Path | None)
 
     err = console()
     work = temporary_work_dir() if preset else None
+    cache = (cache or default_cache_dir()) if preset and use_cache else None
+    partial = (lambda result: write_outputs(result, out, plot_too=False)) if out else None  # noqa: E731
     try:
         with err.status("dmf bench") as status:
             say = lambda msg: (status.update(escape(msg)), err.log(msg, markup=False))  # noqa: E731
-            cases = (preset_cases(preset, options.fusions, options.engines, work, say) if preset
+            cases = (preset_cases(preset, options.fusions, options.engines, work, say, cache=cache) if preset
                      else artifact_cases(artifacts))
-            result = run_bench(cases, options, progress=say)
+            result = run_bench(cases, options, progress=say, on_partial=partial)
     except (BenchError, ConfigError, ArtifactError, ExportError, CheckpointError, EngineError) as exc:
         fail(exc)
     finally:

@@ -89,6 +89,23 @@ def paired_ratio(numerator: np.ndarray, denominator: np.ndarray, *, resamples: i
     return {"median": float(np.median(per_round)), "ci95": [float(low), float(high)], "rounds": int(per_round.size)}
 
 
+# A 95 % interval whose ends are further apart than this factor is too wide to read: the rounds
+# disagreed so much that the median could be off by half (the demo once printed [1.12, 3.41]).
+WIDE_INTERVAL = 1.5
+
+
+def interval_reading(ratio: dict) -> str:
+    """Words for a paired ratio whose interval does not support its median: "too wide" when
+    upper / lower > WIDE_INTERVAL, "no clear difference" when the interval holds 1 (the median's
+    side of 1 is not established); "" when the figure can be read as it stands."""
+    low, high = ratio["ci95"]
+    if low <= 0 or high / low > WIDE_INTERVAL:
+        return "too wide"
+    if low <= 1.0 <= high:
+        return "no clear difference"
+    return ""
+
+
 def matmul_peak_gflops(size: int = 2048, threads: int | None = None, options: TimingOptions | None = None) -> float:
     """Measured fp32 GEMM rate of this machine (GFLOP/s, median of repeated size^3 products),
     the ceiling against which an engine's achieved FLOP rate is judged."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dmf.bench.bench import BASELINES, ENGINES, BenchRow, json_default
+from dmf.bench.measure import WIDE_INTERVAL, interval_reading
 from dmf.fileio import atomic_write_bytes, atomic_write_text
 
 BASELINE_SHORT = {"torch": "torch", "torch-bf16": "bf16"}  # a baseline's name in headers and bar labels
@@ -60,17 +61,49 @@ def _cell(value, fmt: str) -> str:
 
 
 def format_ratio(ratio: dict | None) -> str:
-    """'2.31x [2.20, 2.45]': median of per-round ratios and its 95 % interval."""
+    """'2.31x [2.20, 2.45]': median of per-round ratios and its 95 % interval, followed by
+    'too wide' or 'no clear difference' when the interval does not support the median."""
     if not ratio:
         return "-"
     low, high = ratio["ci95"]
-    return f"{ratio['median']:.2f}x [{low:.2f}, {high:.2f}]"
+    return _with_reading(f"{ratio['median']:.2f}x [{low:.2f}, {high:.2f}]", ratio)
 
 
 def format_excess(ratio: dict) -> str:
-    """'+1.2 % [-0.4, +2.9]': a time ratio (memory / naive) as the extra time it costs."""
+    """'+1.2 % [-0.4, +2.9]': a time ratio (memory / naive) as the extra time it costs (with the
+    same words as format_ratio)."""
     low, high = ratio["ci95"]
-    return f"{100 * (ratio['median'] - 1):+.1f} % [{100 * (low - 1):+.1f}, {100 * (high - 1):+.1f}]"
+    text = f"{100 * (ratio['median'] - 1):+.1f} % [{100 * (low - 1):+.1f}, {100 * (high - 1):+.1f}]"
+    return _with_reading(text, ratio)
+
+
+def _with_reading(text: str, ratio: dict) -> str:
+    reading = interval_reading(ratio)
+    return f"{text} {reading}" if reading else text
+
+
+READING_NOTE = (f"too wide: the interval's ends differ by more than {WIDE_INTERVAL:g}x, the rounds disagreed "
+                "too much to read the median; no clear difference: the interval holds 1 (0 %)")
+
+
+def noise_lines(result: dict) -> list[str]:
+    """One line when some ratio intervals are too wide to read: how many, and what to do."""
+    ratios = result.get("ratios") or []
+    wide = sum(interval_reading(r) == "too wide" for r in ratios)
+    if not wide:
+        return []
+    return [f"{wide} of {len(ratios)} ratio intervals are too wide to read (ends more than {WIDE_INTERVAL:g}x "
+            "apart): the machine was too noisy for those figures; rerun on a quiet machine or with more "
+            "rounds (--min-runs)."]
+
+
+def partial_lines(result: dict) -> list[str]:
+    """While the run goes on (bench.json / bench.md rewritten after each batch size): say so."""
+    if result.get("complete", True):
+        return []
+    done = sorted({r.batch_size for r in result["rows"]})
+    return [f"Partial: the run is still going (or was stopped); batch sizes done: {', '.join(map(str, done))} "
+            f"of {', '.join(map(str, result['options']['batch_sizes']))}."]
 
 
 def columns(result: dict) -> list[Column]:
@@ -118,14 +151,16 @@ def best_section(result: dict) -> Section:
             for (engine, fusion, batch), by in _speedups(result, best_only=True).items()]
     return Section("Best engine vs the baselines", ["fusion", "B", "best engine", *(f"vs {b}" for b in BASELINES)],
                    rows, "speedup = baseline time / engine time: median of per-round ratios [95 % bootstrap "
-                   "interval]; best = lowest median latency among the non-baseline engines", text_columns=3)
+                   "interval]; best = lowest median latency among the non-baseline engines; " + READING_NOTE,
+                   text_columns=3)
 
 
 def speedup_section(result: dict) -> Section:
     rows = [[engine, fusion, str(batch), *(format_ratio(by.get(b)) for b in BASELINES)]
             for (engine, fusion, batch), by in _speedups(result, best_only=False).items()]
     return Section("Each engine vs each baseline", ["engine", "fusion", "B", *(f"vs {b}" for b in BASELINES)],
-                   rows, "median of per-round paired ratios [95 % bootstrap interval]", text_columns=2)
+                   rows, "median of per-round paired ratios [95 % bootstrap interval]; " + READING_NOTE,
+                   text_columns=2)
 
 
 def memory_section(result: dict) -> Section:
@@ -134,7 +169,7 @@ def memory_section(result: dict) -> Section:
     return Section("Memory fusion vs naive fusion, end to end", ["engine", "B", "memory vs naive"],
                    [[r["engine"], str(r["batch_size"]), format_excess(r)] for r in ratios],
                    "extra time of memory fusion per round (memory / naive - 1), median [95 % interval]; "
-                   "the paper: +44 % (91 vs 63 ms)")
+                   "the paper: +44 % (91 vs 63 ms); " + READING_NOTE)
 
 
 def head_section(result: dict) -> Section:
@@ -179,13 +214,15 @@ def rich_tables(secs: list[Section]) -> list:
 
 
 def print_result(console, result: dict) -> None:
-    """The CPU line, every table, then what was skipped and why."""
+    """The CPU line, every table, a word on intervals too wide to read, then what was skipped and why."""
     for line in machine_lines(result):
         console.print(line, markup=False)
     for table in rich_tables(sections(result)):
         console.print(table)
+    for line in noise_lines(result):  # wrapped at the terminal's width, unlike the one-line messages elsewhere
+        console.print(line, style="yellow", markup=False, soft_wrap=False)
     for line in skipped_lines(result):
-        console.print(f"skipped {line}", style="yellow", markup=False)
+        console.print(f"skipped {line}", style="yellow", markup=False, soft_wrap=False)
 
 
 def markdown_sections(secs: list[Section]) -> list[str]:
@@ -199,7 +236,7 @@ def markdown_sections(secs: list[Section]) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    lines = ["# dmf bench", "", *(f"{line}  " for line in machine_lines(result)), ""]
+    lines = ["# dmf bench", "", *(f"{line}  " for line in machine_lines(result)), "", *partial_lines(result)]
     if result.get("matmul_peak_gflops"):
         lines.append(f"Measured fp32 GEMM peak: {result['matmul_peak_gflops']:.1f} GFLOP/s.")
     for fusion, flops in (result.get("flops_per_sample") or {}).items():
@@ -210,6 +247,7 @@ def markdown(result: dict) -> str:
     else:
         lines += ["", "Not the paper's model shape: no comparison with the paper's 91 / 63 ms."]
     lines += markdown_sections(sections(result))
+    lines += ["", *noise_lines(result)] if noise_lines(result) else []
     if result.get("skipped"):
         lines += ["", "## Skipped", ""] + [f"- {line}" for line in skipped_lines(result)]
     return "\n".join(lines) + "\n"
@@ -338,13 +376,14 @@ def plot(result: dict, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
-    """bench.json, bench.md and (when anything was timed) bench.png under out_dir, each atomically."""
+def write_outputs(result: dict, out_dir: Path, plot_too: bool = True) -> dict[str, Path]:
+    """bench.json, bench.md and (when anything was timed and plot_too) bench.png under out_dir, each
+    atomically: a run rewrites the first two after each batch size, so a reader never sees half a file."""
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md"}
     atomic_write_text(paths["json"], json.dumps(result, indent=2, default=json_default))
     atomic_write_text(paths["md"], markdown(result))
-    if result["rows"]:
+    if result["rows"] and plot_too:
         paths["png"] = out_dir / "bench.png"
         plot(result, paths["png"])
     return paths

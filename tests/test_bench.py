@@ -17,10 +17,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dmf.bench.bench import (BenchError, BenchOptions, BenchRow, Case, compute_ratios, export_for_engines,
-                             is_paper_shaped, run_bench)
-from dmf.bench.measure import TimingOptions, latency_stats, paired_ratio, time_calls, time_rounds
-from dmf.bench.render import bar_label, columns, format_excess, format_ratio, markdown, plot, write_outputs
+from dmf.bench.bench import (QUICK_ENGINES, QUICK_TIMING, BenchError, BenchOptions, BenchRow, Case, compute_ratios,
+                             export_for_engines, is_paper_shaped, preset_cases, run_bench)
+from dmf.bench.measure import TimingOptions, interval_reading, latency_stats, paired_ratio, time_calls, time_rounds
+from dmf.bench.render import (bar_label, columns, format_excess, format_ratio, markdown, noise_lines, plot,
+                              write_outputs)
 from dmf.cli import app
 from dmf.config import ModelConfig, preset
 from dmf.cpuinfo import cpu_info
@@ -120,6 +121,24 @@ def test_compute_ratios_picks_the_best_engine_and_memory_vs_naive():
     assert format_excess(memory["onnx"]).startswith("+2")  # "+25.x % [...]"
 
 
+@pytest.mark.parametrize("ci, words", [
+    ((2.20, 2.45), ""),  # narrow, clear of 1: read as it stands
+    ((1.12, 3.41), "too wide"),  # the demo's: ends 3.0x apart
+    ((0.963, 2.407), "too wide"),  # an overhead of [-3.7, +140.7] %
+    ((0.90, 1.20), "no clear difference"),  # narrow enough, but either side of 1
+    ((1.01, 1.50), ""),  # ends 1.49x apart, just under WIDE_INTERVAL: readable
+])
+def test_intervals_too_wide_to_read_are_said_in_words(ci, words):
+    ratio = {"median": 1.3, "ci95": list(ci), "rounds": 10}
+    assert interval_reading(ratio) == words
+    assert format_ratio(ratio).endswith(f"] {words}" if words else "]")
+    assert format_excess(ratio).endswith(f"] {words}" if words else "]")
+    result = {"ratios": [ratio, {"median": 2.3, "ci95": [2.2, 2.45], "rounds": 10}]}
+    assert noise_lines(result) == ([] if words != "too wide" else [
+        "1 of 2 ratio intervals are too wide to read (ends more than 1.5x apart): the machine was too noisy "
+        "for those figures; rerun on a quiet machine or with more rounds (--min-runs)."])
+
+
 def test_compute_ratios_without_a_baseline_or_a_pair():
     ratios = compute_ratios({("onnx", "memory"): _noisy(1.0, 5, 0)}, batch=1)
     assert ratios == []  # no baseline timed, no naive twin: nothing to pair
@@ -144,10 +163,31 @@ def cases(tmp_path_factory) -> list[Case]:
 
 
 @pytest.fixture(scope="module")
-def result(cases) -> dict:
+def timed(cases) -> tuple[dict, list[dict]]:
+    """The bench result and the partial results it handed out after each batch size."""
     options = BenchOptions(engines=("torch", "torch-bf16", "onnx", "openvino", "trt"), batch_sizes=(1, 2),
                            threads=1, timing=FAST, measure_peak=False)
-    return run_bench(cases, options)
+    partials: list[dict] = []
+    return run_bench(cases, options, on_partial=partials.append), partials
+
+
+@pytest.fixture(scope="module")
+def result(timed) -> dict:
+    return timed[0]
+
+
+def test_partial_results_after_each_batch_size(timed, tmp_path):
+    """A long run leaves what it measured: after batch 1 the rows of batch 1 (complete: False),
+    rewritten after batch 2; bench.md says the run was partial."""
+    final, partials = timed
+    assert [sorted({r.batch_size for r in p["rows"]}) for p in partials] == [[1], [1, 2]]
+    assert [p["complete"] for p in partials] == [False, False] and final["complete"] is True
+    assert [r.latency for r in partials[1]["rows"]] == [r.latency for r in final["rows"]]
+    assert partials[0]["head"] is None and final["head"]  # the head is timed after the rows
+    paths = write_outputs(partials[0], tmp_path, plot_too=False)
+    assert "Partial: the run is still going (or was stopped); batch sizes done: 1 of 1, 2." in paths["md"].read_text()
+    assert json.loads(paths["json"].read_text())["complete"] is False and "png" not in paths
+    assert "Partial" not in markdown(final)
 
 
 def test_run_bench_rows(result):
@@ -318,6 +358,51 @@ def test_bad_options_are_one_line_errors(tmp_path):
     _one_line_error(["bench"], "--preset")
     _one_line_error(["bench", str(tmp_path / "missing")], "missing")  # ArtifactError, caught by type
     _one_line_error(["bench", "--batcher", "--preset", "tiny"], "exactly one ARTIFACT")
+
+
+def test_quick_mode_and_cache_options(monkeypatch, tmp_path):
+    """--quick picks the quick engines and rounds unless told otherwise; the cache is on by default."""
+    import dmf.bench.cli as bench_cli
+
+    seen = []
+    monkeypatch.setattr(bench_cli, "_bench", lambda *args, **kwargs: seen.append((args, kwargs)))
+    for extra in ([], ["--engines", "torch", "--min-runs", "7"], ["--no-cache", "--cache", str(tmp_path)]):
+        assert CliRunner().invoke(app, ["bench", "--preset", "tiny", "--quick", *extra]).exit_code == 0
+    (a, ka), (b, _), (c, kc) = seen
+    assert a[2].engines == QUICK_ENGINES and a[2].timing == QUICK_TIMING and ka["use_cache"]
+    assert b[2].engines == ("torch",) and b[2].timing == replace(QUICK_TIMING, min_runs=7)
+    assert c[4] == tmp_path and kc["use_cache"] is False
+    assert CliRunner().invoke(app, ["bench", "--preset", "tiny"]).exit_code == 0
+    assert seen[-1][0][2].timing == TimingOptions() and "torch-bf16" in seen[-1][0][2].engines
+
+
+def test_preset_exports_are_cached_by_config_and_version(cases, monkeypatch, tmp_path):
+    """A second run with the same cache reuses the checkpoint and the export; a new dmf version
+    (or config) builds afresh in its own folder."""
+    import shutil
+
+    import dmf
+    import dmf.bench.bench as bench
+    import dmf.export
+
+    exports = []
+
+    def fake_export(checkpoint, out, **kwargs):  # a real artifact, copied: exports are not what is tested
+        exports.append(out)
+        shutil.copytree(cases[0].artifacts["onnx"], out)
+        return out
+
+    monkeypatch.setattr(dmf.export, "export_checkpoint", fake_export)
+    said = []
+    first = preset_cases("tiny", ("memory",), ("torch", "onnx"), tmp_path / "work", said.append, cache=tmp_path)
+    assert len(exports) == 1 and first[0].artifacts["onnx"].parent.parent == tmp_path
+    monkeypatch.setattr(bench, "_random_model", lambda cfg: pytest.fail("rebuilt a cached checkpoint"))
+    again = preset_cases("tiny", ("memory",), ("torch", "onnx"), tmp_path / "work", said.append, cache=tmp_path)
+    assert len(exports) == 1 and again[0].artifacts == first[0].artifacts
+    assert again[0].checkpoint == first[0].checkpoint and any(m.startswith("reusing memory -> onnx") for m in said)
+    monkeypatch.setattr(dmf, "__version__", "9.9.9")
+    with pytest.raises(pytest.fail.Exception, match="rebuilt"):  # another version: another key, built afresh
+        preset_cases("tiny", ("memory",), ("torch", "onnx"), tmp_path / "work", said.append, cache=tmp_path)
 
 
 def test_batcher_option_times_one_artifact(cases, tmp_path):
