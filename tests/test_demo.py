@@ -89,12 +89,65 @@ def test_summary_files_show_every_export_and_the_cpu_line(summary, tmp_path):
     assert "| memory | 0.700 | 0.710 | 0.690 |" in md and "| naive | 0.700 | 0.710 | 0.690 |" in md
     assert "| memory | onnx | torch | 1.000 | - | - | 5.7e-06 |" in md
     assert "| memory | openvino-bf16 | fp32, 112 clips | 0.991 | 1 (2) | 0.700 -> 0.690 | - |" in md
-    assert "| memory | openvino-int8 | fp32, real clips | refused | - | - | - |" in md
+    assert "| memory | openvino-int8 | refused | 0.945 | 6 | - | - |" in md  # the figures its message gives
     assert "| memory | onnx-int8 | not gated | - | - | - | - |" in md
     assert "| naive | openvino-int8 | fp32, 112 clips | 1.000 | 0 (0) | 0.600 -> 0.600 | - |" in md
     assert f"memory openvino-int8 refused: {REFUSAL}" in md
     assert summary["bench"]["machine"]["cpu_line"] in md and "## dmf bench" in md and "xpaper" not in md
     assert "onnx (memory): no onnx artifact given" in md
+
+
+def test_refused_rows_show_the_message_figures():
+    ua = ("openvino int8 export failed the accuracy gate on 112 clips (0 near-ties not counted): UA 55.0 more "
+          "than 1 point below fp32's 61.3")
+    assert D.refused_figures(REFUSAL) == ["0.945", "6", "-"]
+    assert D.refused_figures(ua) == ["-", "-", "0.613 -> 0.550"]
+    assert D.refused_figures("some other failure") == ["-", "-", "-"]
+
+
+def test_summary_says_what_one_fold_does_not_show_and_explains_its_codes(summary):
+    models, predictions = D.models_section(summary), D.predictions_section(summary)
+    assert "naive fusion beat memory fusion" in models.caption and "67.0" in models.caption
+    assert "p: the predicted label's probability" in predictions.caption
+    assert "hap happy+excited" in predictions.caption and "ang angry" in predictions.caption
+
+
+def _utterance(root: Path, uid: str, seconds: float, label: str, seed: int):
+    import numpy as np
+    import soundfile as sf
+
+    from dmf.data.records import Utterance
+
+    path = root / f"{uid}.wav"
+    audio = 0.1 * np.random.default_rng(seed).standard_normal(round(seconds * 16000))
+    sf.write(str(path), audio, 16000, subtype="PCM_16")
+    return Utterance(uid, path, f"words of {uid}", label, uid[:5], uid[:6])
+
+
+def test_conversation_files_join_the_held_out_dialog(tmp_path):
+    """conversation.wav is the held-out session's longest dialog in utterance order with GAP_S
+    gaps; each VTT cue names its speaker and spans exactly its clip's samples in the recording."""
+    import numpy as np
+    import soundfile as sf
+
+    from dmf.data.records import Corpus
+    from dmf.runtime.conversation import read_transcript
+
+    make = lambda uid, s, seed: _utterance(tmp_path, uid, s, "neu", seed)  # noqa: E731
+    utts = [make("Ses01F_impro01_M010", 0.8, 1), make("Ses01F_impro01_F002", 1.25, 2),
+            make("Ses01F_impro02_F000", 1.0, 3), make("Ses01F_impro01_F000", 0.6, 4), make("Ses02F_x_F000", 3.0, 5)]
+    clips = D.held_out_dialog(Corpus(utts, ("neu", "hap", "sad", "ang")))
+    assert [u.id for u in clips] == ["Ses01F_impro01_F000", "Ses01F_impro01_F002", "Ses01F_impro01_M010"]
+    D.write_conversation(clips, tmp_path / "c.wav", tmp_path / "c.vtt")
+    recording, rate = sf.read(str(tmp_path / "c.wav"), dtype="float32")
+    assert rate == 16000 and len(recording) == round((0.6 + 1.25 + 0.8 + 2 * D.GAP_S) * 16000)
+    segments = read_transcript(tmp_path / "c.vtt")
+    assert [(s.speaker, s.text) for s in segments] == [(u.speaker, u.text) for u in clips]
+    for seg, u in zip(segments, clips):
+        clip = sf.read(str(u.audio_path), dtype="float32")[0]
+        start = round(seg.start * rate)
+        assert abs(seg.end - seg.start - len(clip) / rate) < 2e-3
+        assert np.array_equal(recording[start:start + len(clip)], clip)  # PCM_16 both ways: exact
 
 
 def test_missing_engines_are_explained():

@@ -32,7 +32,8 @@ def _parse_labels(labels: str | None) -> tuple[str, ...] | None:
 
 
 def _stats_table(counts: dict, path: Path) -> Table:
-    table = Table(title=f"corpus {path}", show_header=True)
+    # the path alone: "corpus corpus" read oddly when the folder is called corpus
+    table = Table(title=f"{path}: utterances by label, session and speaker", show_header=True)
     table.add_column("group")
     table.add_column("name")
     table.add_column("utterances", justify="right")
