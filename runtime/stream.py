@@ -129,9 +129,10 @@ def scorer(batcher, timeout_s: float) -> Callable[[np.ndarray, str], Prediction]
     return score
 
 
-def live_options(requested: Any, window_s: float, max_seconds: float) -> LiveOptions:
+def live_options(requested: Any, window_s: float) -> LiveOptions:
     """The start message's `options` -> LiveOptions. max_utterance_s defaults to the model's window
-    and may not pass `max_seconds` (the server's longest clip). ValueError names the bad field."""
+    and may not pass it: the model scores a longer utterance on its first window only, and the
+    session holds max_pending + 1 utterances of up to that length. ValueError names the bad field."""
     if not isinstance(requested, dict):
         raise ValueError(f"options: expected an object, got {type(requested).__name__}")
     unknown = sorted(set(requested) - set(CLIENT_OPTIONS))
@@ -142,8 +143,8 @@ def live_options(requested: Any, window_s: float, max_seconds: float) -> LiveOpt
         raise ValueError(f"placeholder_text is {len(placeholder)} characters: expected at most {MAX_TEXT_CHARS}")
     chosen = {"max_utterance_s": window_s, **requested}
     cap = chosen["max_utterance_s"]
-    if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > max_seconds:
-        raise ValueError(f"max_utterance_s {cap!r} is invalid: this server scores at most {max_seconds:g} s")
+    if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > window_s:
+        raise ValueError(f"max_utterance_s {cap!r} is invalid: at most the model's window, {window_s:g} s")
     try:
         return LiveOptions(**chosen)
     except TypeError as exc:  # a field of the wrong kind that the dataclass trips over
@@ -211,8 +212,7 @@ class _Stream:
             if unknown:
                 raise ValueError(f"start: unknown field(s) {unknown}: expected type, format, options")
             fmt = StreamFormat.from_dict(start.get("format", {}))
-            options = live_options(start.get("options", {}), artifact.input_samples / artifact.sample_rate,
-                                   self.opts.max_audio_seconds)
+            options = live_options(start.get("options", {}), artifact.input_samples / artifact.sample_rate)
             self.session = LiveSession(scorer(self.state.batcher, self.opts.request_timeout_s), fmt, options)
         except ValueError as exc:
             raise _Close(POLICY, first_line(exc)) from None
