@@ -39,6 +39,13 @@ BATCH_DIM = "batch"
 
 # The paper's four IEMOCAP classes, in the classifier's output order (neutral, happy+excited, sad, angry).
 LABELS = ("neu", "hap", "sad", "ang")
+# Full names shown to users (dmf.json "label_names"); "hap" is IEMOCAP's happy merged with excited.
+LABEL_NAMES = {"neu": "neutral", "hap": "happy", "sad": "sad", "ang": "angry"}
+
+
+def label_names(labels) -> list[str]:
+    """A display name per label code: the paper's classes by their names, any other code as itself."""
+    return [LABEL_NAMES.get(code, code) for code in labels]
 
 # dmf.json "normalisation" "over": clip statistics over the whole zero-padded input, or over the
 # samples before the padding (a feature extractor with return_attention_mask), the padding kept at 0.

@@ -67,6 +67,7 @@ def manifest(*, model_config, engine: str, precision: str, max_batch: int, check
         "tokenizer_file": C.TOKENIZER_FILE,
         "fusion": model_config.fusion,
         "labels": list(model_config.labels),
+        "label_names": C.label_names(model_config.labels),
         "sample_rate": model_config.sample_rate,
         "input_samples": model_config.max_audio_samples,
         "max_tokens": model_config.max_tokens,

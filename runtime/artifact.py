@@ -84,6 +84,7 @@ class Artifact:
     model_path: Path
     tokenizer_path: Path | None
     labels: tuple[str, ...]
+    label_names: tuple[str, ...]  # one display name per label (dmf.json label_names; the codes when absent)
     sample_rate: int
     input_samples: int
     max_tokens: int
@@ -118,6 +119,7 @@ class Artifact:
         """The fields a health endpoint or a log line shows."""
         return {"path": str(self.path), "engine": self.engine, "precision": self.precision,
                 "fusion": self.meta.get("fusion"), "labels": list(self.labels),
+                "label_names": list(self.label_names),
                 "sample_rate": self.sample_rate, "input_samples": self.input_samples,
                 "max_tokens": self.max_tokens, "max_batch": self.max_batch,
                 "dmf_version": self.meta.get("dmf_version")}
@@ -184,6 +186,7 @@ def load_artifact(path: str | Path, *, verify: bool = True) -> Artifact:
     if engine not in ENGINES:
         raise ArtifactError(f"{where}: field 'engine' = {engine!r} is invalid: expected one of {ENGINES}")
     labels = _labels(meta, where)
+    names = _label_names(meta, where, labels)
     do_normalize, eps, normalize_over = _normalisation(meta, where)
     sample_rate = _int_in(meta, "sample_rate", where, *SAMPLE_RATES)
     # a window longer than the longest accepted clip would only ever score padding
@@ -196,7 +199,7 @@ def load_artifact(path: str | Path, *, verify: bool = True) -> Artifact:
     _check_digests(meta, root, where, model_path, verify)
     return Artifact(
         path=root, meta=meta, engine=engine, precision=str(meta.get("precision", "fp32")),
-        model_path=model_path, tokenizer_path=tokenizer_path, labels=tuple(labels),
+        model_path=model_path, tokenizer_path=tokenizer_path, labels=tuple(labels), label_names=names,
         sample_rate=sample_rate, input_samples=input_samples, max_tokens=max_tokens,
         do_normalize=do_normalize, eps=float(eps), normalize_over=normalize_over, inputs=inputs, outputs=outputs, max_batch=max_batch,
     )
@@ -241,6 +244,16 @@ def _labels(meta: dict, where: Path) -> list[str]:
     if len(labels) < 2 or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels):
         raise ArtifactError(f"{where}: field 'labels' = {labels!r} is invalid: expected >= 2 distinct names")
     return labels
+
+
+def _label_names(meta: dict, where: Path, labels: list[str]) -> tuple[str, ...]:
+    """Optional (artifacts before it show their codes): one non-empty name per label, in order."""
+    names = meta.get("label_names", labels)
+    if (not isinstance(names, list) or len(names) != len(labels)
+            or not all(isinstance(x, str) and x.strip() for x in names)):
+        raise ArtifactError(f"{where}: field 'label_names' = {names!r} is invalid: expected {len(labels)} "
+                            "non-empty names, one per label")
+    return tuple(names)
 
 
 def _normalisation(meta: dict, where: Path) -> tuple[bool, float, str]:

@@ -112,7 +112,7 @@ def _check_predict_args(audio, text, manifest, out, batch_size: int) -> None:
         fail(f"--batch-size {batch_size} is invalid: expected an integer >= 1")
 
 
-def _predict_one(predictor, audio: Path, text: str, as_json: bool) -> None:
+def _predict_one(predictor, audio: Path, text: str, as_json: bool, top_k: Optional[int]) -> None:
     from .engine import EngineError
     from .predictor import INPUT_ERRORS
 
@@ -120,12 +120,14 @@ def _predict_one(predictor, audio: Path, text: str, as_json: bool) -> None:
         pred = predictor.predict(str(audio), text)
     except INPUT_ERRORS + (EngineError,) as exc:
         fail(exc)
+    ranked = pred.top(top_k or len(pred.probabilities))
     if as_json:
-        typer.echo(json.dumps({**pred.to_dict(), **predictor.running()}, allow_nan=False))  # finite: ResultError otherwise
+        extra = {"top_k": ranked} if top_k else {}
+        typer.echo(json.dumps({**pred.to_dict(), **extra, **predictor.running()}, allow_nan=False))  # finite: ResultError otherwise
         return
-    typer.echo(printable(pred.label))
-    for lab, p in sorted(pred.probabilities.items(), key=lambda kv: -kv[1]):
-        typer.echo(f"  {printable(lab):<8} {p:.4f}")
+    typer.echo(f"{printable(pred.label_name)} ({printable(pred.label)})")
+    for entry in ranked:
+        typer.echo(f"  {printable(entry['name']):<10} {printable(entry['label']):<6} {entry['probability']:.4f}")
 
 
 def _manifest_plan(manifest: Path, out: Path):
@@ -258,6 +260,7 @@ def predict(
     manifest: Optional[str] = typer.Option(None, "--manifest", help="CSV/TSV/JSONL with audio, text[, id] (with --ray also Parquet, or any URI Ray reads)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Manifest or --transcript output: .csv, .jsonl or .ndjson."),
     as_json: bool = typer.Option(False, "--json", help="Print the single prediction as JSON."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="One clip: show only the K most probable labels (with --json: a top_k list)."),
     engine: str = typer.Option("auto", "--engine", help="auto (the fastest the artifact, installed packages and CPU allow), onnx, openvino or trt."),
     providers: Optional[str] = typer.Option(None, "--providers", help="ORT providers, e.g. cuda,cpu."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
@@ -278,6 +281,8 @@ def predict(
     """Predict the emotion of one clip + transcript, of every row of a manifest, or of every
     segment of a recording's time-stamped transcript (--audio RECORDING --transcript FILE)."""
     _checked_limits(max_seconds, max_recording_seconds)
+    if top_k is not None and (top_k < 1 or manifest is not None or transcript is not None or conversations is not None):
+        fail(f"--top-k {top_k} is invalid: expected an integer >= 1, for one clip (--audio, --text)")
     ray_opts = _ray_plan(use_ray or ray_address is not None, ray_address, actors, cpus_per_actor, gpus_per_actor,
                          batch_size, progress)
     load = LoadRequest(artifact, engine, providers, threads, max_seconds)
@@ -300,7 +305,7 @@ def predict(
         fail("--plot goes with --audio RECORDING --transcript FILE")
     _check_predict_args(audio, text, manifest, out, batch_size)
     if manifest is None:
-        _predict_one(_load_predictor(artifact, engine, providers, threads, max_seconds), audio, text, as_json)
+        _predict_one(_load_predictor(artifact, engine, providers, threads, max_seconds), audio, text, as_json, top_k)
         return
     if ray_opts is not None:
         _predict_manifest_ray(load, manifest, out, ray_opts)

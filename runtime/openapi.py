@@ -48,8 +48,13 @@ def _schemas(labels: Sequence[str]) -> dict[str, Any]:
     number_or_null = {"type": ["number", "null"]}
     return {
         "Error": _obj({"error": {"type": "string", "description": "one line, safe to show"}}),
-        "Prediction": _obj({"label": label, "probabilities": probs, "truncated": {
-            "type": "boolean", "description": "the clip was longer than the model's window; its first window was scored"}}),
+        "Prediction": _obj({"label": label, "label_name": {"type": "string", "description": "the label's full name"},
+                            "probabilities": probs, "truncated": {
+            "type": "boolean", "description": "the clip was longer than the model's window; its first window was scored"},
+            "top_k": {"type": "array", "description": "with ?top_k=K: the K most probable labels, most probable first",
+                      "items": _obj({"label": label, "name": {"type": "string"},
+                                     "probability": {"type": "number", "minimum": 0, "maximum": 1}})}},
+            required=["label", "label_name", "probabilities", "truncated"]),
         "Turn": _obj({"start": {"type": "number"}, "end": {"type": "number"}, "speaker": {"type": ["string", "null"]},
                       "text": {"type": "string"}, "label": label, "probabilities": probs,
                       "truncated": {"type": "boolean"}, "windows": {"type": "integer", "minimum": 1}}),
@@ -62,7 +67,8 @@ def _schemas(labels: Sequence[str]) -> dict[str, Any]:
         "Health": _obj({
             "status": {"const": "ok"}, "path": {"type": "string", "description": "the artifact's folder name"},
             "engine": {"type": "string"}, "precision": {"type": "string"}, "fusion": {"type": ["string", "null"]},
-            "labels": {"type": "array", "items": {"type": "string"}}, "sample_rate": {"type": "integer"},
+            "labels": {"type": "array", "items": {"type": "string"}},
+            "label_names": {"type": "array", "items": {"type": "string"}}, "sample_rate": {"type": "integer"},
             "input_samples": {"type": "integer"}, "max_tokens": {"type": "integer"}, "max_batch": {"type": "integer"},
             "dmf_version": {"type": ["string", "null"]}, "running_engine": {"type": "string"},
             "providers": {"type": "array", "items": {"type": "string"}}}),
@@ -90,6 +96,9 @@ def _paths(max_upload_mb: float) -> dict[str, Any]:
         "/v1/predict": {"post": {
             "summary": "The emotion of one clip and its transcript", "operationId": "predict",
             "description": f"multipart/form-data; {upload}.",
+            "parameters": [{"name": "top_k", "in": "query", "required": False,
+                            "description": "also answer the K most probable labels (1..number of labels)",
+                            "schema": {"type": "integer", "minimum": 1}}],
             "requestBody": _multipart({"audio": audio, "text": {"type": "string", "description": "UTF-8 transcript"}},
                                       ["audio", "text"]),
             "responses": {"200": _json({"$ref": "#/components/schemas/Prediction"}, "the prediction"),

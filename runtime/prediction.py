@@ -18,6 +18,17 @@ class Prediction:
     probabilities: dict[str, float]
     log_probs: tuple[float, ...] = field(repr=False, default=())
     truncated: bool = False
+    names: dict[str, str] = field(repr=False, default_factory=dict)  # label -> display name (dmf.json)
+
+    @property
+    def label_name(self) -> str:
+        return self.names.get(self.label, self.label)
+
+    def top(self, k: int) -> list[dict[str, Any]]:
+        """The k most probable labels, most probable first: [{"label", "name", "probability"}]."""
+        ranked = sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
+        return [{"label": lab, "name": self.names.get(lab, lab), "probability": p} for lab, p in ranked]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "probabilities": dict(self.probabilities), "truncated": self.truncated}
+        return {"label": self.label, "label_name": self.label_name, "probabilities": dict(self.probabilities),
+                "truncated": self.truncated}

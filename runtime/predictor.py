@@ -54,6 +54,7 @@ class Predictor:
         self.artifact = artifact
         self.engine = engine
         self.labels: tuple[str, ...] = artifact.labels
+        self.label_names: dict[str, str] = dict(zip(artifact.labels, artifact.label_names))
         self.min_seconds, self.max_seconds, self.max_text_chars = _check_limits(min_seconds, max_seconds,
                                                                                 max_text_chars)
         limits = [artifact.max_batch] + ([engine.max_batch] if engine.max_batch else [])
@@ -171,7 +172,7 @@ class Predictor:
         probs /= probs.sum()
         return Prediction(label=self.labels[int(np.argmax(row))],
                           probabilities={lab: float(p) for lab, p in zip(self.labels, probs)},
-                          log_probs=tuple(float(v) for v in row))
+                          log_probs=tuple(float(v) for v in row), names=self.label_names)
 
     # ------------------------------------------------------------------------------ API
     def predict(self, audio: Any, text: Any, sample_rate: int | None = None) -> Prediction:

@@ -381,13 +381,23 @@ async def _predict(request) -> dict:
     state = request.app.state
     opts: ServeOptions = state.options
     deadline = time.monotonic() + opts.request_timeout_s
+    top_k = _top_k(request.query_params.get("top_k"), len(state.predictor.labels))
     audio, text = await _within(read_form(request, opts.max_upload_bytes), deadline, state.shutdown, 408,
                                 f"request body not received within {opts.request_timeout_s:g} s")
     truncated = state.predictor.is_truncated(audio)  # header only, before the batcher reads the upload
     future = state.batcher.submit(audio, text)
     result = await _within(asyncio.wrap_future(future), deadline, state.shutdown, 503,
                            f"no result within {opts.request_timeout_s:g} s; the server is overloaded")
-    return {**result.to_dict(), "truncated": truncated}
+    return {**result.to_dict(), "truncated": truncated, **({"top_k": result.top(top_k)} if top_k else {})}
+
+
+def _top_k(value: str | None, n_labels: int) -> int | None:
+    """The query's top_k: None when absent, else an integer 1..n_labels (400 otherwise)."""
+    if value is None:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= n_labels:
+        raise HTTPError(400, f"query parameter top_k = {value[:20]!r} is invalid: expected an integer 1..{n_labels}")
+    return int(value)
 
 
 class _Abandoned(Exception):

@@ -81,6 +81,26 @@ def test_artifact_contract_is_read_from_dmf_json(rt):
     meta = json.loads((rt.artifact / "dmf.json").read_text())
     assert art.labels == tuple(meta["labels"]) and art.input_samples == meta["input_samples"]
     assert art.max_tokens == meta["max_tokens"] and art.max_batch == meta["max_batch"]
+    assert art.label_names == tuple(meta["label_names"]) == ("neutral", "happy", "sad", "angry")
+
+
+def test_label_names_are_optional_but_checked(rt, tmp_path):
+    """An artifact exported before label_names shows its codes; a broken list is refused by name."""
+    from dmf import contract as C
+    from dmf.fileio import atomic_write_json
+
+    meta = json.loads((rt.artifact / "dmf.json").read_text())
+    for name, names, expected in (("old", None, meta["labels"]), ("short", ["neutral"], None),
+                                  ("blank", ["a", "b", " ", "d"], None)):
+        folder = tmp_path / name
+        shutil.copytree(rt.artifact, folder)
+        edited = {k: v for k, v in meta.items() if k not in ("label_names", C.CONTENT_DIGEST)}
+        atomic_write_json(folder / "dmf.json", C.seal(edited if names is None else {**edited, "label_names": names}))
+        if expected is not None:
+            assert load_artifact(folder).label_names == tuple(expected)
+            continue
+        with pytest.raises(ArtifactError, match="field 'label_names' = .* expected 4 non-empty names"):
+            load_artifact(folder)
 
 
 def test_engine_and_provider_selection(rt):
@@ -149,7 +169,8 @@ def test_audio_as_path_bytes_and_array_agree(rt, predictor):
         np.testing.assert_allclose(_probs(other), _probs(by_path), atol=1e-6)
     assert set(by_path.probabilities) == set(predictor.labels)
     assert abs(sum(by_path.probabilities.values()) - 1) < 1e-6
-    assert by_path.to_dict() == {"label": by_path.label, "probabilities": by_path.probabilities, "truncated": False}
+    assert by_path.to_dict() == {"label": by_path.label, "label_name": by_path.label_name,
+                                 "probabilities": by_path.probabilities, "truncated": False}
 
 
 @pytest.mark.parametrize("case", sorted({**BAD_AUDIO, **BAD_TEXT}))
@@ -345,13 +366,19 @@ def test_cli_predict_single(rt, predictor):
     expected = predictor.predict(clip, "hello world")
     code, out = _invoke("predict", rt.artifact, "--audio", clip, "--text", "hello world")
     assert code == 0, out
-    assert out.splitlines()[0] == expected.label
-    code, out = _invoke("predict", rt.artifact, "--audio", clip, "--text", "hello world", "--json")
+    assert out.splitlines()[0] == f"{expected.label_name} ({expected.label})"
+    code, out = _invoke("predict", rt.artifact, "--audio", clip, "--text", "hello world", "--json", "--top-k", "2")
     assert code == 0, out
     got = json.loads(out.strip().splitlines()[-1])
     assert got["label"] == expected.label
     assert got["running_engine"] == predictor.engine.name  # what engine="auto" picked is said
     assert np.allclose(list(got["probabilities"].values()), _probs(expected), atol=1e-6)
+    assert got["label_name"] == expected.label_name and [t["label"] for t in got["top_k"]] == [
+        t["label"] for t in expected.top(2)] and got["top_k"][0]["label"] == expected.label
+    code, out = _invoke("predict", rt.artifact, "--audio", clip, "--text", "hello world", "--top-k", "1")
+    assert code == 0 and len(out.splitlines()) == 2, out  # the label line, then the one most probable
+    code, out = _invoke("predict", rt.artifact, "--audio", clip, "--text", "hello world", "--top-k", "0")
+    assert code == 2 and "--top-k 0 is invalid" in out
 
 
 @pytest.mark.parametrize("args, fragment", [

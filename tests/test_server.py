@@ -54,7 +54,8 @@ def test_predict_ok_matches_the_python_api(rt, predictor, client):
     assert r.status_code == 200, r.text
     body = r.json()
     expected = predictor.predict(rt.clips["good1.wav"], "hello there")
-    assert set(body) == {"label", "probabilities", "truncated"} and body["label"] == expected.label
+    assert set(body) == {"label", "label_name", "probabilities", "truncated"} and body["label"] == expected.label
+    assert body["label_name"] == {"neu": "neutral", "hap": "happy", "sad": "sad", "ang": "angry"}[body["label"]]
     assert body["truncated"] is False  # a 1.5 s clip fits the 5 s window
     assert np.allclose([body["probabilities"][k] for k in predictor.labels],
                        [expected.probabilities[k] for k in predictor.labels], atol=1e-5)
@@ -62,6 +63,19 @@ def test_predict_ok_matches_the_python_api(rt, predictor, client):
     r = client.post("/v1/predict", files={"audio": ("a.wav", rt.clips["good1.wav"].read_bytes())},
                     data={"text": "hello there"})
     assert r.status_code == 200 and r.json()["label"] == expected.label
+
+
+def test_top_k_answers_the_most_probable_labels_in_order(rt, predictor, client):
+    expected = predictor.predict(rt.clips["good1.wav"], "hello there")
+    r = client.post("/v1/predict?top_k=2", files=_files(rt, "good1.wav", "hello there"))
+    assert r.status_code == 200, r.text
+    top = r.json()["top_k"]
+    ranked = sorted(expected.probabilities, key=lambda lab: -expected.probabilities[lab])
+    assert [t["label"] for t in top] == ranked[:2] and top[0]["label"] == expected.label
+    assert top[0]["probability"] >= top[1]["probability"] and top[0]["name"] == expected.label_name
+    for bad in ("0", "5", "two", "-1"):  # the tiny artifact has 4 labels
+        r = client.post(f"/v1/predict?top_k={bad}", files=_files(rt, "good1.wav", "hello there"))
+        assert r.status_code == 400 and "top_k" in r.json()["error"] and "1..4" in r.json()["error"]
 
 
 @pytest.mark.parametrize("case", sorted({**BAD_AUDIO, **BAD_TEXT}))
