@@ -96,6 +96,12 @@ function start() {
 
 async function onReady(ready) {
   labels = ready.labels;
+  $("legend").replaceChildren(...labels.map((name) => { // the colours of the probability bars
+    const chip = document.createElement("span");
+    chip.className = `c-${name}`;
+    chip.textContent = name;
+    return chip;
+  }));
   try {
     audio = await startAudio((block) => {
       if (!ws || ws.readyState !== WebSocket.OPEN) return;
@@ -183,7 +189,7 @@ function showUtterance(ev) {
   li.querySelector(".times").textContent = `${ev.start_s.toFixed(2)}–${ev.end_s.toFixed(2)} s${ev.cut ? " (cut)" : ""}`;
   const label = li.querySelector(".label");
   label.textContent = ev.label || "—";
-  label.className = `label ${ev.label || ""}`;
+  label.className = `label ${ev.label ? `c-${ev.label}` : ""}`;
   if (ev.label) li.dataset.label = ev.label;
   const input = li.querySelector(".text input");
   input.value = ev.text || "";
@@ -193,7 +199,7 @@ function showUtterance(ev) {
   for (const name of labels) {
     const p = (ev.probabilities || {})[name] || 0;
     const span = document.createElement("span");
-    span.className = `label ${name}`;
+    span.className = `c-${name}`;
     span.style.width = `${(100 * p).toFixed(1)}%`;
     span.title = `${name} ${(100 * p).toFixed(0)} %`;
     bars.append(span);
