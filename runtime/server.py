@@ -20,6 +20,8 @@ Endpoints (the route table `ROUTES`; each handler reads what it needs from `requ
 - `GET /metrics`: JSON by default; Prometheus text exposition with `?format=prometheus`.
   Request counts by status code, batches, batch-size histogram, request latency p50/p99.
 - `GET /openapi.json`: the OpenAPI 3.1 document of these endpoints (runtime/openapi.py).
+- `WebSocket /v1/stream`, `GET /live`: live audio, one event per utterance, and its page; added by
+  runtime/stream.py's `mount` (its limits are the `max_streams` ... `max_unsent_events` options).
 
 Limits (`ServeOptions`): at most `max_queue` predict requests at once (each holds at most one
 upload, so upload memory is bounded by max_queue x max_upload_mb; upload parts over 1 MiB spool
