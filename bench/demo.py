@@ -269,10 +269,10 @@ def exports_section(summary: dict):
 
     rows = [_export_row(fusion, name, parity) for fusion, m in summary["models"].items()
             for name, parity in m["exports"].items()]
-    return Section("exports and their checks", ["fusion", "artifact", "against", "agree", "flips (near-tie)", "UA",
+    return Section("exports and their checks", ["fusion", "artifact", "against", "agree", "flips", "UA",
                                                 "max diff"], rows,
                    "agree: argmax agreement (reduced precisions: over clips whose fp32 top-2 margin is at least "
-                   "0.02; near-tie flips in brackets, not counted); UA: fp32 -> the export on the held-out "
+                   "0.02); flips: decided clips whose label changed (near-tie flips in brackets, not counted); UA: fp32 -> the export on the held-out "
                    "session; reduced precisions pass the accuracy gate (agreement >= 0.99, UA within 1 point "
                    "of fp32) or are refused (reasons below)", text_columns=3)
 
@@ -315,12 +315,11 @@ def _write_summary(summary: dict, out: Path) -> None:
 
 
 def print_summary(summary: dict) -> None:
-    from dmf.bench.render import print_result, rich_tables
+    from dmf.bench.render import print_result, print_sections
     from dmf.cliutil import console
 
     out = console(stderr=False)
-    for table in rich_tables([models_section(summary), exports_section(summary), predictions_section(summary)]):
-        out.print(table)
+    print_sections(out, [models_section(summary), exports_section(summary), predictions_section(summary)])
     for line in refusals(summary):  # wrapped at the terminal's width (the messages run to 200+ characters)
         out.print(line, style="yellow", markup=False, soft_wrap=False)
     for line in conversation_lines(summary):

@@ -196,14 +196,15 @@ def sections(result: dict) -> list[Section]:
 
 # ------------------------------------------------------------------------------ rich / markdown
 def rich_tables(secs: list[Section]) -> list:
+    """One rich table per section, without its caption (print_sections wraps that at the terminal's
+    width: a table caption is never wrapped on dmf's soft-wrapping consoles and ran to 230+ columns)."""
     from rich import box
     from rich.table import Table
 
     tables = []
     for s in secs:
         # one space between columns and none at the edges: the row table fits 80 columns
-        table = Table(title=s.title, caption=s.caption, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True,
-                      pad_edge=False)
+        table = Table(title=s.title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
         for i, header in enumerate(s.headers):
             width = max([len(header), *(len(row[i]) for row in s.rows)])  # never cut a figure or a name
             table.add_column(header, justify="left" if i < s.text_columns else "right", no_wrap=True, min_width=width)
@@ -213,12 +214,20 @@ def rich_tables(secs: list[Section]) -> list:
     return tables
 
 
+def print_sections(console, secs: list[Section]) -> None:
+    """Each table as it is (rows are never cut), then its caption wrapped at the console's width."""
+    for section, table in zip(secs, rich_tables(secs)):
+        console.print(table)
+        if section.caption:
+            console.print(section.caption, style="dim", markup=False, soft_wrap=False)
+        console.print()
+
+
 def print_result(console, result: dict) -> None:
     """The CPU line, every table, a word on intervals too wide to read, then what was skipped and why."""
     for line in machine_lines(result):
         console.print(line, markup=False)
-    for table in rich_tables(sections(result)):
-        console.print(table)
+    print_sections(console, sections(result))
     for line in noise_lines(result):  # wrapped at the terminal's width, unlike the one-line messages elsewhere
         console.print(line, style="yellow", markup=False, soft_wrap=False)
     for line in skipped_lines(result):
@@ -408,8 +417,7 @@ def batcher_section(result: dict) -> Section:
 def print_batcher(console, result: dict) -> None:
     for line in machine_lines(result):
         console.print(line, markup=False)
-    for table in rich_tables([batcher_section(result)]):
-        console.print(table)
+    print_sections(console, [batcher_section(result)])
 
 
 def write_batcher_outputs(result: dict, out_dir: Path) -> dict[str, Path]:

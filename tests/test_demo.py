@@ -164,6 +164,11 @@ def test_printed_summary_has_the_cpu_line_and_the_refusal(summary, capsys):
     out = capsys.readouterr().out
     assert f"CPU: {summary['bench']['machine']['cpu_line']}" in out
     assert "openvino-int8 refused" in " ".join(out.split()) and "held-out clips" in out
+    # captions, refusals and notes wrap at the console's 80 columns (only table rows may be wider)
+    long = [line for line in out.splitlines() if len(line) > 80]
+    assert not [line for line in long if "refused:" in line or "argmax agreement" in line or "interval" in line], long
+    assert max(len(line.rstrip()) for line in out.splitlines() if " refused " in line) <= 80  # the export row too
+    assert "p: the predicted label's probability" in " ".join(out.split())
 
 
 def test_demo_bad_option_is_one_line_error(tmp_path):
