@@ -600,6 +600,7 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None):
         yield
         # uvicorn has answered the in-flight requests by now; drain anything still queued.
         await asyncio.to_thread(batcher.close)
+        app.state.stream_pool.shutdown(wait=False)  # /v1/stream's idle worker threads
 
     async def http_error(request, exc: HTTPException):  # 404 / 405 from the router, as JSON
         return _json(exc.status_code, {"error": str(exc.detail)})
