@@ -49,6 +49,10 @@ def bench(
     max_batch: int = typer.Option(8, help="--batcher: MicroBatcher max_batch."),
     max_wait_ms: float = typer.Option(5.0, help="--batcher: MicroBatcher max_wait_ms."),
     workers: int = typer.Option(2, help="--batcher: workers of the multi-worker configurations."),
+    live: bool = typer.Option(False, "--live", help="Instead: a live session on one ARTIFACT: latency from the VAD's "
+                              "end of utterance to its event (p50/p95/p99) and the real-time factor, on a generated "
+                              "conversation (docs/live.md)."),
+    utterances: int = typer.Option(24, help="--live: utterances of the generated conversation."),
 ) -> None:
     """Latency and throughput per engine, fusion and batch size against torch fp32 and torch bf16.
 
@@ -56,6 +60,11 @@ def bench(
     (paired ratios with 95 % intervals), and against the paper's 91 ms (memory) / 63 ms (naive)
     per sample for paper-shaped models. How long: see docs/performance.md, "How long the paper
     bench takes"."""
+    if live:
+        if preset or batcher or len(artifacts or []) != 1:
+            fail("--live times one exported artifact: give exactly one ARTIFACT dir (no --preset, no --batcher)")
+        _live(artifacts[0], out, utterances, threads)
+        return
     if batcher:
         if preset or len(artifacts or []) != 1:
             fail("--batcher times one exported artifact: give exactly one ARTIFACT dir (no --preset)")
@@ -132,6 +141,24 @@ def _batcher(artifact: Path, out: Path | None, settings: dict) -> None:
     if out:
         paths = write_batcher_outputs(result, out)
         err.print(f"wrote {', '.join(str(p) for p in paths.values())}", markup=False)
+
+
+def _live(artifact: Path, out: Path | None, utterances: int, threads: int) -> None:
+    """Torch-free: runs on a runtime-only install with the live extra."""
+    from dmf.bench.live import LiveBenchOptions, live_markdown, run_live_bench, write_live_outputs
+    from dmf.runtime.artifact import ArtifactError
+    from dmf.runtime.engine import EngineError
+
+    err = console()
+    try:
+        options = LiveBenchOptions(utterances=utterances, threads=threads)
+        with err.status(f"dmf bench --live {artifact}"):
+            result = run_live_bench(artifact, options, progress=lambda msg: err.log(msg, markup=False))
+    except (BenchError, ArtifactError, EngineError, ImportError) as exc:
+        fail(exc)
+    console(stderr=False).print(live_markdown(result), markup=False)
+    if out:
+        err.print(f"wrote {', '.join(str(p) for p in write_live_outputs(result, out))}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

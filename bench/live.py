@@ -17,6 +17,7 @@ real-time factor stays below 1 (nothing queues behind a slow chunk). Torch-free.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -253,6 +254,7 @@ def _speech_loop(seed: int, utterances: int = 20) -> np.ndarray:
 
 
 def _memory(at_s: float, traced: bool) -> dict:
+    gc.collect()  # cyclic garbage not yet collected is no growth
     out = {"audio_s": round(at_s, 1), "rss_mb": _rss_mb()}
     if traced:
         out["traced_kb"] = tracemalloc.get_traced_memory()[0] / 1024

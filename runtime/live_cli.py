@@ -183,10 +183,12 @@ def _run(predictor, source: _Source, options, text_span, seconds: Optional[float
     with Live(_table(events, source.name), console=console(stderr=False), refresh_per_second=4) as view:
         try:
             for chunk in source.chunks:
-                if seconds is not None and fed >= seconds * rate:
-                    break
+                if seconds is not None:  # the chunk that reaches --seconds is the last one asked for
+                    chunk = chunk[:max(0, int(round(seconds * rate)) - fed)]
                 fed += len(chunk)
                 _add(events, session.feed(chunk), view, source.name)
+                if seconds is not None and fed >= round(seconds * rate):
+                    break
         except KeyboardInterrupt:
             pass
         except ValueError as exc:
