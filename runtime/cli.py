@@ -73,25 +73,25 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(text))
 
 
-def _checked_limits(max_seconds: float, max_recording_seconds: float) -> None:
+def _checked_limits(max_clip_seconds: float, max_recording_seconds: float) -> None:
     """The length limits before anything loads: NaN would switch a limit off, a negative one would
     refuse everything."""
     try:
-        check_seconds("--max-seconds", max_seconds)
+        check_seconds("--max-clip-seconds", max_clip_seconds)
         check_seconds("--max-recording-seconds", max_recording_seconds)
     except ValueError as exc:
         fail(exc)
 
 
 def _load_predictor(artifact: Path, engine: str, providers: Optional[str], threads: Optional[int],
-                    max_seconds: float):
+                    max_clip_seconds: float):
     from .artifact import ArtifactError
     from .engine import EngineError
     from .predictor import Predictor
 
     try:
         return Predictor.load(artifact, engine=engine, providers=providers, threads=threads,
-                              max_seconds=max_seconds)
+                              max_clip_seconds=max_clip_seconds)
     except (ArtifactError, EngineError) as exc:
         fail(exc)
 
@@ -216,7 +216,7 @@ def _predict_conversation(predictor, audio: Path, transcript: Path, segments, ou
         with Progress(*columns, console=console(), disable=not progress) as bar:
             task = bar.add_task("predict", total=len(segments))
             result = predictor.predict_conversation(
-                str(audio), segments, policy=policy, name=str(transcript), max_seconds=limits[0], batch_size=limits[1],
+                str(audio), segments, policy=policy, name=str(transcript), max_recording_seconds=limits[0], batch_size=limits[1],
                 progress=lambda n: bar.advance(task, n))
         if plot is not None:
             plot_timeline(result, plot)
@@ -265,7 +265,7 @@ def predict(
     providers: Optional[str] = typer.Option(None, "--providers", help="ORT providers, e.g. cuda,cpu."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
     batch_size: int = typer.Option(16, "--batch-size", help="Manifest rows or transcript segments per batch (capped by max_batch)."),
-    max_seconds: float = typer.Option(MAX_CLIP_SECONDS, "--max-seconds", help="Longest accepted clip, in seconds."),
+    max_clip_seconds: float = typer.Option(MAX_CLIP_SECONDS, "--max-clip-seconds", "--max-seconds", help="Longest accepted clip, s (--max-seconds: the older name)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar for manifests and recordings."),
     transcript: Optional[Path] = typer.Option(None, "--transcript", help="With --audio RECORDING: a .vtt, .srt or .json transcript; one prediction per segment."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="With --transcript: an emotion timeline PNG (needs matplotlib)."),
@@ -280,12 +280,12 @@ def predict(
 ) -> None:
     """Predict the emotion of one clip + transcript, of every row of a manifest, or of every
     segment of a recording's time-stamped transcript (--audio RECORDING --transcript FILE)."""
-    _checked_limits(max_seconds, max_recording_seconds)
+    _checked_limits(max_clip_seconds, max_recording_seconds)
     if top_k is not None and (top_k < 1 or manifest is not None or transcript is not None or conversations is not None):
         fail(f"--top-k {top_k} is invalid: expected an integer >= 1, for one clip (--audio, --text)")
     ray_opts = _ray_plan(use_ray or ray_address is not None, ray_address, actors, cpus_per_actor, gpus_per_actor,
                          batch_size, progress)
-    load = LoadRequest(artifact, engine, providers, threads, max_seconds)
+    load = LoadRequest(artifact, engine, providers, threads, max_clip_seconds)
     if conversations is not None:
         if audio is not None or text is not None or manifest is not None or transcript is not None:
             fail("--conversations goes with --out only, not with --audio, --text, --manifest or --transcript")
@@ -297,7 +297,7 @@ def predict(
         if batch_size < 1:
             fail(f"--batch-size {batch_size} is invalid: expected an integer >= 1")
         segments = _conversation_plan(audio, text, manifest, out, plot, policy, transcript)
-        predictor = _load_predictor(artifact, engine, providers, threads, max_seconds)
+        predictor = _load_predictor(artifact, engine, providers, threads, max_clip_seconds)
         _predict_conversation(predictor, audio, transcript, segments, out, plot, policy,
                               (max_recording_seconds, batch_size), progress)
         return
@@ -305,14 +305,14 @@ def predict(
         fail("--plot goes with --audio RECORDING --transcript FILE")
     _check_predict_args(audio, text, manifest, out, batch_size)
     if manifest is None:
-        _predict_one(_load_predictor(artifact, engine, providers, threads, max_seconds), audio, text, as_json, top_k)
+        _predict_one(_load_predictor(artifact, engine, providers, threads, max_clip_seconds), audio, text, as_json, top_k)
         return
     if ray_opts is not None:
         _predict_manifest_ray(load, manifest, out, ray_opts)
         return
     manifest = Path(manifest)
     rows, kind = _manifest_plan(manifest, out)
-    predictor = _load_predictor(artifact, engine, providers, threads, max_seconds)
+    predictor = _load_predictor(artifact, engine, providers, threads, max_clip_seconds)
     _predict_manifest(predictor, rows, out, kind, batch_size, progress)
 
 
@@ -326,7 +326,7 @@ class LoadRequest:
     engine: str  # auto, onnx, openvino or trt
     providers: Optional[str]  # onnxruntime providers
     threads: Optional[int]  # engine threads (None: as many as the actor's CPUs under --ray)
-    max_seconds: float  # longest accepted clip, s
+    max_clip_seconds: float  # longest accepted clip, s
 
 
 def _ray_plan(use_ray: bool, address, actors, cpus: float, gpus: float, batch_size: int, progress: bool):
@@ -361,7 +361,7 @@ def _labels(artifact: Path) -> tuple[str, ...]:
 def _ray_load(load: LoadRequest):
     from .ray import LoadOptions
 
-    return LoadOptions(str(load.artifact), load.engine, load.providers, load.threads, load.max_seconds)
+    return LoadOptions(str(load.artifact), load.engine, load.providers, load.threads, load.max_clip_seconds)
 
 
 def _predict_manifest_ray(load: LoadRequest, manifest: str, out: Path, ray_opts) -> None:
@@ -455,7 +455,7 @@ def serve(
     max_wait_ms: float = typer.Option(ServeOptions.max_wait_ms, "--max-wait-ms", help="Wait for more requests after the first, ms."),
     max_upload_mb: float = typer.Option(ServeOptions.max_upload_mb, "--max-upload-mb", help="Request body limit, MiB (413 above)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Batches run at once. [default: one per CPU core, each with 1 engine thread; 1 on a GPU]"),
-    max_audio_seconds: float = typer.Option(ServeOptions.max_audio_seconds, "--max-audio-seconds", help="Longest accepted clip, s."),
+    max_clip_seconds: float = typer.Option(ServeOptions.max_clip_seconds, "--max-clip-seconds", "--max-audio-seconds", help="Longest accepted clip, s (--max-audio-seconds: the older name)."),
     max_recording_seconds: float = typer.Option(ServeOptions.max_recording_seconds, "--max-recording-seconds", help="Longest recording for /v1/conversation, s."),
     timeout: float = typer.Option(ServeOptions.request_timeout_s, "--timeout", help="Per request, s: body (else 408) and result (else 503)."),
     max_queue: int = typer.Option(ServeOptions.max_queue, "--max-queue", help="Predict requests at once; one more gets 503."),
@@ -476,7 +476,7 @@ def serve(
 
     try:
         options = ServeOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb,
-                               max_audio_seconds=max_audio_seconds, max_recording_seconds=max_recording_seconds,
+                               max_clip_seconds=max_clip_seconds, max_recording_seconds=max_recording_seconds,
                                workers=workers, request_timeout_s=timeout,
                                max_queue=max_queue, grace_s=grace)
     except ValueError as exc:
@@ -487,7 +487,7 @@ def serve(
         fail(f"--port {port} is invalid: expected 1..65535")
     if threads is None and workers != 1:  # several workers (the CPU default): one engine thread each, not all cores each
         threads = 1
-    predictor = _load_predictor(artifact, engine, providers, threads, max_audio_seconds)
+    predictor = _load_predictor(artifact, engine, providers, threads, max_clip_seconds)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console().print(f"[yellow]warning:[/yellow] listening on {host}: reachable from other machines; "
                         "the server has no authentication")

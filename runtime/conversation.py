@@ -59,10 +59,10 @@ class Scorer(Protocol):
     artifact: Any  # .input_samples, .sample_rate: the model's window
     labels: tuple[str, ...]
     max_batch: int
-    min_seconds: float
+    min_clip_seconds: float
 
     def preprocess(self, audio: Any, text: Any, sample_rate: int | None = None, *,
-                   min_seconds: float | None = None, max_seconds: float | None = None) -> dict[str, np.ndarray]: ...
+                   min_clip_seconds: float | None = None, max_clip_seconds: float | None = None) -> dict[str, np.ndarray]: ...
 
     def infer(self, items: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray: ...
 
@@ -251,13 +251,13 @@ def as_segments(segments: Any, name: str = "transcript") -> list[Segment]:
 
 
 def check_segments(segments: Sequence[Segment], duration: float, name: str = "transcript",
-                   max_seconds: float | None = MAX_RECORDING_SECONDS) -> list[str]:
+                   max_recording_seconds: float | None = MAX_RECORDING_SECONDS) -> list[str]:
     """Refuse (TranscriptError, naming the segment by index and time) a recording over
-    `max_seconds`, a segment ending before it starts, reaching past the audio, or with empty text.
+    `max_recording_seconds`, a segment ending before it starts, reaching past the audio, or with empty text.
     Returns warnings: segments of one speaker that overlap (allowed: crosstalk, recogniser slop)."""
-    max_seconds = check_seconds("max_seconds", max_seconds, allow_none=True)
-    if max_seconds is not None and duration > max_seconds:
-        raise TranscriptError(f"the recording is {duration:.1f} s long, longer than the {max_seconds:g} s maximum")
+    limit = check_seconds("max_recording_seconds", max_recording_seconds, allow_none=True)
+    if limit is not None and duration > limit:
+        raise TranscriptError(f"the recording is {duration:.1f} s long, longer than the {limit:g} s maximum")
     if not segments:
         raise TranscriptError(f"{name}: no segments")
     for i, s in enumerate(segments):
@@ -287,7 +287,7 @@ def _overlaps(segments: Sequence[Segment], name: str) -> list[str]:
 
 def predict_conversation(predictor: Scorer, audio: Any, segments: Sequence[Segment], *,
                          policy: str = "first", name: str = "transcript",
-                         max_seconds: float | None = MAX_RECORDING_SECONDS, batch_size: int | None = None,
+                         max_recording_seconds: float | None = MAX_RECORDING_SECONDS, batch_size: int | None = None,
                          progress: Callable[[int], None] | None = None) -> Conversation:
     """audio: a path, bytes or a seekable binary file. One prediction per segment (see the module
     docstring); `progress(n)` is called as segments finish. `batch_size` (default and cap: the
@@ -300,11 +300,11 @@ def predict_conversation(predictor: Scorer, audio: Any, segments: Sequence[Segme
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise ValueError(f"batch_size {batch_size!r} is invalid: expected an integer >= 1")
-    check_seconds("max_seconds", max_seconds, allow_none=True)
+    check_seconds("max_recording_seconds", max_recording_seconds, allow_none=True)
     segments = as_segments(segments, name)
     batch = min(batch_size or predictor.max_batch, predictor.max_batch)
     with _Recording(audio) as rec:
-        warnings = check_segments(segments, rec.duration, name, max_seconds)
+        warnings = check_segments(segments, rec.duration, name, max_recording_seconds)
         turns = []
         for chunk in _chunks(range(len(segments)), batch):
             turns += _predict_chunk(predictor, rec, segments, chunk, policy, batch)
@@ -341,7 +341,7 @@ def _predict_chunk(predictor: Scorer, rec: "_Recording", segments: Sequence[Segm
 
     for i in chunk:
         s = segments[i]
-        for samples in rec.windows(s, window, policy, predictor.min_seconds):
+        for samples in rec.windows(s, window, policy, predictor.min_clip_seconds):
             pending.append(_prepare(predictor, samples, s, i, rec.rate))
             owner.append(i)
             if len(pending) >= batch:
@@ -352,7 +352,7 @@ def _predict_chunk(predictor: Scorer, rec: "_Recording", segments: Sequence[Segm
 
 def _prepare(predictor: Scorer, samples: np.ndarray, s: Segment, i: int, rate: int) -> dict:
     try:
-        return predictor.preprocess(samples, s.text, rate, max_seconds=None)
+        return predictor.preprocess(samples, s.text, rate, max_clip_seconds=None)
     except (AudioError, ValueError) as exc:  # AudioError, TextError, InputError
         raise type(exc)(f"segment {i} ({s.start:.3f}-{s.end:.3f} s): {exc}") from None
 

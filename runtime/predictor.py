@@ -48,14 +48,14 @@ class Predictor:
     """Load with `Predictor.load(artifact_dir)`; thread-safe (preprocessing is stateless, the ORT
     session is thread-safe and the TensorRT engine serialises its calls)."""
 
-    def __init__(self, artifact: Artifact, engine: Engine, *, min_seconds: float = DEFAULT_MIN_SECONDS,
-                 max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    def __init__(self, artifact: Artifact, engine: Engine, *, min_clip_seconds: float = DEFAULT_MIN_SECONDS,
+                 max_clip_seconds: float | None = DEFAULT_MAX_SECONDS,
                  max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> None:
         self.artifact = artifact
         self.engine = engine
         self.labels: tuple[str, ...] = artifact.labels
         self.label_names: dict[str, str] = dict(zip(artifact.labels, artifact.label_names))
-        self.min_seconds, self.max_seconds, self.max_text_chars = _check_limits(min_seconds, max_seconds,
+        self.min_clip_seconds, self.max_clip_seconds, self.max_text_chars = _check_limits(min_clip_seconds, max_clip_seconds,
                                                                                 max_text_chars)
         limits = [artifact.max_batch] + ([engine.max_batch] if engine.max_batch else [])
         self.max_batch = min(limits)
@@ -93,8 +93,8 @@ class Predictor:
 
     @classmethod
     def load(cls, artifact_dir: str | Path, engine: str = "auto", providers: str | Sequence[str] | None = None,
-             threads: int | None = None, *, verify: bool = True, min_seconds: float = DEFAULT_MIN_SECONDS,
-             max_seconds: float | None = DEFAULT_MAX_SECONDS,
+             threads: int | None = None, *, verify: bool = True, min_clip_seconds: float = DEFAULT_MIN_SECONDS,
+             max_clip_seconds: float | None = DEFAULT_MAX_SECONDS,
              max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> "Predictor":
         """Validate the artifact (dmf.json, files, sha256) and open its engine.
 
@@ -103,13 +103,13 @@ class Predictor:
         (onnxruntime), "openvino" (OpenVINO CPU) or "trt" (native TensorRT plan).
         providers: onnxruntime execution providers ("cpu", "cuda", "tensorrt" or full names);
         None picks CUDA when available, then CPU. threads: onnxruntime intra-op threads.
-        min_seconds / max_seconds: the accepted clip length (before cropping to the model's input;
-        finite seconds, max_seconds None: no limit); max_text_chars: longer text is cut.
+        min_clip_seconds / max_clip_seconds: the accepted clip length (before cropping to the model's input;
+        finite seconds, max_clip_seconds None: no limit); max_text_chars: longer text is cut.
         A bad limit raises ValueError before anything is loaded."""
-        _check_limits(min_seconds, max_seconds, max_text_chars)
+        _check_limits(min_clip_seconds, max_clip_seconds, max_text_chars)
         artifact = load_artifact(artifact_dir, verify=verify)
         return cls(artifact, create_engine(artifact, engine, providers, threads),
-                   min_seconds=min_seconds, max_seconds=max_seconds, max_text_chars=max_text_chars)
+                   min_clip_seconds=min_clip_seconds, max_clip_seconds=max_clip_seconds, max_text_chars=max_text_chars)
 
     def running(self) -> dict[str, Any]:
         """Which engine runs this predictor ("engine" = what `auto` picked) and on what."""
@@ -117,10 +117,10 @@ class Predictor:
 
     # ------------------------------------------------------------------------------ steps
     def preprocess(self, audio: Any, text: Any, sample_rate: int | None = None, *,
-                   min_seconds: float | None = None, max_seconds: float | None = None) -> dict[str, np.ndarray]:
+                   min_clip_seconds: float | None = None, max_clip_seconds: float | None = None) -> dict[str, np.ndarray]:
         """One request -> its model inputs, unbatched: audio (S,), input_ids (L,), attention_mask (L,).
         Raises AudioError / TextError with a one-line message. A modality the model does not use
-        is ignored (may be None). min_seconds / max_seconds override the predictor's limits."""
+        is ignored (may be None). min_clip_seconds / max_clip_seconds override the predictor's limits."""
         a = self.artifact
         arrays: dict[str, np.ndarray] = {}
         if a.uses_text:
@@ -138,8 +138,8 @@ class Predictor:
             arrays[AUDIO_INPUT] = preprocess_audio(
                 audio, sample_rate, target_rate=a.sample_rate, num_samples=a.input_samples,
                 normalize=a.do_normalize, normalize_over=a.normalize_over, eps=a.eps,  # dmf.json "normalisation"
-                min_seconds=self.min_seconds if min_seconds is None else min_seconds,
-                max_seconds=self.max_seconds if max_seconds is None else max_seconds)
+                min_seconds=self.min_clip_seconds if min_clip_seconds is None else min_clip_seconds,
+                max_seconds=self.max_clip_seconds if max_clip_seconds is None else max_clip_seconds)
         return arrays
 
     def infer(self, items: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
@@ -194,7 +194,7 @@ class Predictor:
         """A long recording (path, bytes or seekable file) and its transcript segments (a list of
         `conversation.Segment`, or a transcript file path) -> `conversation.Conversation`: one
         prediction per segment and a per-speaker summary. `options`: see
-        `conversation.predict_conversation` (max_seconds, progress, name)."""
+        `conversation.predict_conversation` (max_recording_seconds, progress, name)."""
         if isinstance(segments, (str, Path)):
             options.setdefault("name", str(segments))
             segments = read_transcript(segments)
@@ -236,13 +236,13 @@ class Predictor:
                 f"providers={self.engine.providers}, labels={list(self.labels)})")
 
 
-def _check_limits(min_seconds: Any, max_seconds: Any, max_text_chars: Any) -> tuple[float, float | None, int]:
+def _check_limits(min_clip_seconds: Any, max_clip_seconds: Any, max_text_chars: Any) -> tuple[float, float | None, int]:
     """The predictor's input limits, or ValueError naming the bad one: a limit that cannot hold
     (negative, zero, NaN) would refuse every input, or accept any."""
-    low = check_seconds("min_seconds", min_seconds, allow_zero=True)
-    high = check_seconds("max_seconds", max_seconds, allow_none=True)
+    low = check_seconds("min_clip_seconds", min_clip_seconds, allow_zero=True)
+    high = check_seconds("max_clip_seconds", max_clip_seconds, allow_none=True)
     if high is not None and high < low:
-        raise ValueError(f"max_seconds = {max_seconds!r} is below min_seconds = {min_seconds!r}: no clip could pass")
+        raise ValueError(f"max_clip_seconds = {max_clip_seconds!r} is below min_clip_seconds = {min_clip_seconds!r}: no clip could pass")
     if isinstance(max_text_chars, bool) or not isinstance(max_text_chars, (int, np.integer)) or max_text_chars < 1:
         raise ValueError(f"max_text_chars = {max_text_chars!r} is invalid: expected an integer >= 1")
     return low, high, int(max_text_chars)

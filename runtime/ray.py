@@ -45,7 +45,7 @@ class LoadOptions:
     engine: str = "auto"  # auto, onnx, openvino or trt
     providers: str | None = None  # onnxruntime providers, e.g. "cuda,cpu"
     threads: int | None = None  # engine threads; None: the CPUs Ray gave the actor
-    max_seconds: float = MAX_CLIP_SECONDS  # longest accepted clip, s
+    max_clip_seconds: float = MAX_CLIP_SECONDS  # longest accepted clip, s
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ class ManifestScorer:
         from .predictor import Predictor
 
         self.predictor = Predictor.load(load.artifact, engine=load.engine, providers=load.providers,
-                                        threads=_actor_threads(load.threads), max_seconds=load.max_seconds)
+                                        threads=_actor_threads(load.threads), max_clip_seconds=load.max_clip_seconds)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, labels = len(batch["id"]), self.predictor.labels
@@ -279,7 +279,7 @@ class ConversationScorer:
 
         self.conv = conv
         self.predictor = Predictor.load(load.artifact, engine=load.engine, providers=load.providers,
-                                        threads=_actor_threads(load.threads), max_seconds=load.max_seconds)
+                                        threads=_actor_threads(load.threads), max_clip_seconds=load.max_clip_seconds)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         turns, errors = [], []
@@ -297,7 +297,7 @@ class ConversationScorer:
         try:
             result = self.predictor.predict_conversation(
                 audio, read_transcript(transcript), policy=self.conv.policy, name=transcript,
-                max_seconds=self.conv.max_recording_seconds, batch_size=self.conv.batch_size)
+                max_recording_seconds=self.conv.max_recording_seconds, batch_size=self.conv.batch_size)
         except INPUT_ERRORS + (TranscriptError,) as exc:
             return "", str(exc)
         return json.dumps([t.to_dict() for t in result.turns], allow_nan=False), ""

@@ -81,8 +81,8 @@ class ServeOptions:
     max_wait_ms: float = 5.0  # how long the batcher waits for more requests after the first
     workers: int | None = None  # batches run at once; None: machine_defaults (CPU: one per core)
     max_upload_mb: float = 10.0  # request body limit (413 above it)
-    max_audio_seconds: float = MAX_CLIP_SECONDS  # longest accepted clip (the model uses the first input_samples)
-    min_audio_seconds: float = MIN_CLIP_SECONDS  # shortest accepted clip
+    max_clip_seconds: float = MAX_CLIP_SECONDS  # longest accepted clip (the model uses the first input_samples)
+    min_clip_seconds: float = MIN_CLIP_SECONDS  # shortest accepted clip
     max_recording_seconds: float = MAX_RECORDING_SECONDS  # longest recording for /v1/conversation
     max_queue: int = 64  # predict requests at once (reading, queued or running); one more gets 503
     request_timeout_s: float = 30.0  # per predict request: body within it (else 408), result within it (else 503)
@@ -107,10 +107,10 @@ class ServeOptions:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} = {value!r} is invalid: expected an integer >= 1")
         # NaN compares false with everything, so each bound is written as "not (valid)"
-        for name in ("max_wait_ms", "min_audio_seconds", "grace_s"):
+        for name in ("max_wait_ms", "min_clip_seconds", "grace_s"):
             if not _finite(getattr(self, name)) or not getattr(self, name) >= 0:
                 raise ValueError(f"{name} = {getattr(self, name)!r} is invalid: expected a finite number >= 0")
-        for name in ("max_upload_mb", "max_audio_seconds", "max_recording_seconds", "request_timeout_s", "header_timeout_s",
+        for name in ("max_upload_mb", "max_clip_seconds", "max_recording_seconds", "request_timeout_s", "header_timeout_s",
                      "keep_alive_s", "max_stream_seconds", "stream_idle_s"):
             if not _finite(getattr(self, name)) or not getattr(self, name) > 0:
                 raise ValueError(f"{name} = {getattr(self, name)!r} is invalid: expected a finite number > 0")
@@ -426,7 +426,7 @@ async def _conversation(request) -> dict:
             raise HTTPError(413, f"{name}: {len(segments)} segments, over this server's limit of "
                                  f"{opts.max_segments} per request; split the recording")
         return state.predictor.predict_conversation(audio, segments, policy=policy, name=name,
-                                                    max_seconds=opts.max_recording_seconds,
+                                                    max_recording_seconds=opts.max_recording_seconds,
                                                     progress=stop_if_abandoned)
 
     try:
@@ -589,8 +589,8 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None):
     metrics = ServerMetrics()
 
     def preprocess(audio, text, sample_rate=None):  # a rate for /v1/stream's 16 kHz arrays
-        return predictor.preprocess(audio, text, sample_rate, min_seconds=opts.min_audio_seconds,
-                                    max_seconds=opts.max_audio_seconds)
+        return predictor.preprocess(audio, text, sample_rate, min_clip_seconds=opts.min_clip_seconds,
+                                    max_clip_seconds=opts.max_clip_seconds)
 
     batcher = MicroBatcher(predictor, max_batch=opts.max_batch, max_wait_ms=opts.max_wait_ms,
                            workers=opts.workers, preprocess_fn=preprocess, max_queue=opts.max_queue)

@@ -145,7 +145,7 @@ def test_bad_transcripts_refused_via_api(call, predictor, tmp_path, case):
 def test_recording_over_the_limit_and_overlaps(call, predictor):
     root, segs = call
     with pytest.raises(TranscriptError, match="longer than the 5 s maximum"):
-        predictor.predict_conversation(root / "call.wav", segs, max_seconds=5)
+        predictor.predict_conversation(root / "call.wav", segs, max_recording_seconds=5)
     overlap = [segs[0], Segment(segs[0].start + 0.2, segs[0].end, segs[0].text, "Alice"),
                Segment(segs[0].start + 0.2, segs[0].end, segs[0].text, "Bob")]
     result = predictor.predict_conversation(root / "call.wav", overlap)

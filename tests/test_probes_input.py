@@ -292,16 +292,17 @@ def test_predict_batch_refuses_what_is_not_a_list_of_items(predictor, items):
 
 # ------------------------------------------------------------------------- 11. limits that cannot hold
 
-@pytest.mark.parametrize("option, value", [("min_seconds", -1.0), ("min_seconds", math.nan), ("max_seconds", 0),
-                                           ("max_seconds", math.nan), ("max_seconds", math.inf), ("max_seconds", -5),
-                                           ("max_seconds", 0.05), ("max_text_chars", 0), ("max_text_chars", 2.5)])
+@pytest.mark.parametrize("option, value", [("min_clip_seconds", -1.0), ("min_clip_seconds", math.nan),
+                                           ("max_clip_seconds", 0), ("max_clip_seconds", math.nan),
+                                           ("max_clip_seconds", math.inf), ("max_clip_seconds", -5),
+                                           ("max_clip_seconds", 0.05), ("max_text_chars", 0), ("max_text_chars", 2.5)])
 def test_predictor_limits_that_cannot_hold_are_refused_before_loading(option, value, tmp_path):
     # a folder with no artifact: the option is judged before anything is read
     with pytest.raises(ValueError, match=option):
         Predictor.load(tmp_path, **{option: value})
 
 
-@pytest.mark.parametrize("option", ["--max-recording-seconds", "--max-seconds"])
+@pytest.mark.parametrize("option", ["--max-recording-seconds", "--max-clip-seconds"])
 @pytest.mark.parametrize("value", ["nan", "-1", "inf"])
 def test_the_cli_refuses_a_length_limit_that_cannot_hold(rt, option, value, tmp_path):
     (tmp_path / "t.json").write_text(json.dumps([{"start": 0, "end": 1, "text": "x"}]))
@@ -428,7 +429,7 @@ def test_policy_windows_holds_one_batch_of_windows_however_long_the_segment(pred
     tracemalloc.start()
     try:
         result = predictor.predict_conversation(recording, [Segment(0.0, 90.0, "a long monologue")],
-                                                policy="windows", batch_size=batch_size, max_seconds=None)
+                                                policy="windows", batch_size=batch_size, max_recording_seconds=None)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -448,7 +449,7 @@ def test_streamed_windows_average_each_segments_own_windows(predictor, tmp_path,
     monkeypatch.setattr(predictor, "infer", lambda items: np.stack([it[AUDIO_INPUT][1000:1004] for it in items]))
     segments = [Segment(0.0, 13.0, "three windows"), Segment(13.0, 23.0, "two windows")]
     expected = [np.mean([predictor.preprocess(data[int((s.start + k * 5) * SR):int(min(s.start + k * 5 + 6, s.end) * SR)],
-                                              s.text, SR, max_seconds=None)[AUDIO_INPUT][1000:1004] for k in range(n)],
+                                              s.text, SR, max_clip_seconds=None)[AUDIO_INPUT][1000:1004] for k in range(n)],
                         axis=0) for s, n in zip(segments, (3, 2))]
     for batch_size in (1, 2, 4, 8):
         result = predictor.predict_conversation(recording, segments, policy="windows", batch_size=batch_size)
