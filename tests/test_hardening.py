@@ -191,6 +191,7 @@ def test_labels_and_output_shape_edited_together_fail_at_load(rt, tmp_path):
 
     def five_labels(meta):
         meta["labels"] = meta["labels"] + ["fru"]
+        meta["label_names"] = meta["label_names"] + ["frustrated"]  # consistent: only the model can tell
         meta["outputs"][0]["shape"] = ["batch", 5]
 
     _edit_meta(art, five_labels)
