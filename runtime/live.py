@@ -94,7 +94,7 @@ class LiveOptions:
 
     threshold: float = 0.5  # a frame is speech when the VAD's probability >= this
     min_speech_s: float = 0.25  # shorter speech is dropped (a click, a cough): no event at all
-    min_silence_s: float = 0.3  # this much silence ends an utterance
+    min_silence_s: float = 0.25  # this much silence ends an utterance
     speech_pad_s: float = 0.03  # audio kept before the first and after the last speech frame (<= min_silence_s)
     max_utterance_s: float = 20.0  # speech is cut here (the event says cut); dmf listen uses the model's window
     text_wait_s: float = 0.0  # how long a closed utterance without text waits for provide_text

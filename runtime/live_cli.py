@@ -41,7 +41,7 @@ def listen(
     threads: Optional[int] = typer.Option(None, help="Engine intra-op threads."),
     threshold: float = typer.Option(0.5, help="VAD: a 30 ms frame is speech at this probability or more."),
     min_speech: float = typer.Option(0.25, help="VAD: shorter speech (s) is dropped."),
-    min_silence: float = typer.Option(0.3, help="VAD: this much silence (s) ends an utterance."),
+    min_silence: float = typer.Option(0.25, help="VAD: this much silence (s) ends an utterance."),
     pad: float = typer.Option(0.03, help="VAD: audio (s) kept before and after the speech."),
     max_utterance: Optional[float] = typer.Option(None, help="Speech is cut at this length (s). "
                                                   "[default: the model's window]"),
