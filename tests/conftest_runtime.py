@@ -153,3 +153,17 @@ ACCEPTED = {
     "long_text": ("good1.wav", "word " * 2000),  # 10 000 characters
     "long_clip": ("long6s.wav", "cropped to five seconds"),
 }
+
+
+def run_cli(*args) -> tuple[int, str]:
+    """`dmf` with only the runtime's commands registered (as on a torch-free install), run in-process:
+    (exit code, stdout and stderr interleaved)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from dmf.runtime.cli import register
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    register(app)
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output

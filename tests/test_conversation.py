@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest_runtime import SR, predictor, rt, tone, wav_bytes  # noqa: F401 (fixtures)
-from typer.testing import CliRunner
+from conftest_runtime import run_cli as _invoke
 
 from dmf.runtime import conversation as conv
 from dmf.runtime.conversation import Segment, TranscriptError, read_transcript
@@ -205,17 +205,6 @@ def test_outputs_and_plot(call, predictor, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- CLI
-
-def _invoke(*args):
-    import typer
-
-    from dmf.runtime.cli import register
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    register(app)
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
 
 def test_cli_conversation_writes_turns_plot_and_summary(call, rt, predictor, tmp_path):
     root, segs = call

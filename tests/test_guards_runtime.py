@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest_runtime import SR, predictor, rt, tone, wav_bytes  # noqa: F401 (fixtures)
+from conftest_runtime import run_cli as _invoke
 
 from dmf.runtime.predictor import Predictor, ResultError
 
@@ -144,18 +145,6 @@ def test_inf_scores_are_refused_in_a_batch_and_at_warm_up(rt, predictor, monkeyp
 
 
 # -------------------------------------------------------------------------- row 8: CSV formulas
-
-def _invoke(*args) -> tuple[int, str]:
-    import typer
-    from typer.testing import CliRunner
-
-    from dmf.runtime.cli import register
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    register(app)
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
 
 def _read_csv(path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as fh:

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import typer
-from typer.testing import CliRunner
 
 from conftest_runtime import TEXTS, predictor, rt, tone  # noqa: F401
+from conftest_runtime import run_cli as _invoke
 
 from dmf.preprocess import (AudioError, AudioRangeError, TextError, load_audio, prepare_audio, preprocess_audio,
                             validate_text)
@@ -232,15 +231,6 @@ def test_symlinks_out_of_the_artifact_are_refused(rt, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- CLI
-
-def _invoke(*args):
-    from dmf.runtime.cli import register
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    register(app)
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
 
 def _manifest(path: Path, rows: list[dict]) -> Path:
     with path.open("w", newline="") as fh:

@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import typer
-from typer.testing import CliRunner
 
 from conftest_runtime import SR, predictor, rt, tone, wav_bytes  # noqa: F401 (fixtures)
+from conftest_runtime import run_cli as _cli
 
 from dmf.contract import AUDIO_INPUT
 from dmf.data import ManifestError
@@ -34,15 +33,6 @@ from dmf.runtime import InputError, MicroBatcher, Predictor
 from dmf.runtime.conversation import Segment, TranscriptError, read_transcript
 
 HANG_S = 10  # an answer slower than this is a hang
-
-
-def _cli(*args: object) -> tuple[int, str]:
-    from dmf.runtime.cli import register
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    register(app)
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def _one_line_error(code: int, output: str, fragment: str) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest_runtime import SR, rt  # noqa: F401 (fixture)
-from typer.testing import CliRunner
+from conftest_runtime import run_cli as _invoke
 
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed (pip install -e \".[ray]\" in the clone)")
 
@@ -44,21 +44,6 @@ def manifest(rt, tmp_path_factory):
         writer.writeheader()
         writer.writerows(rows)
     return path, rows
-
-
-def _cli():
-    import typer
-
-    from dmf.runtime.cli import register
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    register(app)
-    return app
-
-
-def _invoke(*args):
-    result = CliRunner().invoke(_cli(), [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
-from typer.testing import CliRunner
 
 from conftest_runtime import ACCEPTED, BAD_AUDIO, BAD_TEXT, TEXTS, predictor, rt, tone  # noqa: F401
+from conftest_runtime import run_cli as _invoke
 
 from dmf.preprocess import AudioError, TextEncoder, TextError, preprocess_audio
 from dmf.runtime import (ArtifactError, EngineError, InputError, MicroBatcher, Prediction, Predictor,
@@ -347,19 +346,6 @@ def test_microbatcher_engine_failure_fails_that_batch_only():
 
 
 # ------------------------------------------------------------------------------------------ CLI
-
-def _cli():
-    from dmf.runtime.cli import register
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    register(app)
-    return app
-
-
-def _invoke(*args):
-    result = CliRunner().invoke(_cli(), [str(a) for a in args])
-    return result.exit_code, result.output  # stdout and stderr, interleaved
-
 
 def test_cli_predict_single(rt, predictor):
     clip = rt.clips["good3.wav"]
