@@ -95,7 +95,9 @@ class LiveOptions:
     threshold: float = 0.5  # a frame is speech when the VAD's probability >= this
     min_speech_s: float = 0.25  # shorter speech is dropped (a click, a cough): no event at all
     min_silence_s: float = 0.25  # this much silence ends an utterance
-    speech_pad_s: float = 0.03  # audio kept before the first and after the last speech frame (<= min_silence_s)
+    speech_pad_s: float = 0.1  # audio kept before the first speech frame (webrtcvad calls an onset late)
+    end_pad_s: float = 0.03  # audio kept after the last speech frame (<= min_silence_s; webrtcvad's own
+    #   hangover already keeps 50-150 ms)
     max_utterance_s: float = 20.0  # speech is cut here (the event says cut); dmf listen uses the model's window
     text_wait_s: float = 0.0  # how long a closed utterance without text waits for provide_text
     empty_text: str = "placeholder"  # no text after the wait: "placeholder" scores with placeholder_text, "skip" does not score
@@ -104,18 +106,19 @@ class LiveOptions:
     aggressiveness: int = 2  # webrtcvad's mode, 0 (keeps most speech) .. 3 (drops most non-speech)
 
     def __post_init__(self) -> None:
-        for name in ("threshold", "min_speech_s", "min_silence_s", "speech_pad_s", "max_utterance_s", "text_wait_s"):
+        for name in ("threshold", "min_speech_s", "min_silence_s", "speech_pad_s", "end_pad_s", "max_utterance_s",
+                     "text_wait_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} {value!r} is invalid: expected a finite number >= 0")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold {self.threshold!r} is invalid: expected a number in (0, 1]")
-        if self.speech_pad_s > self.min_silence_s:
-            raise ValueError(f"speech_pad_s {self.speech_pad_s!r} is invalid: it must not exceed min_silence_s "
+        if self.end_pad_s > self.min_silence_s:
+            raise ValueError(f"end_pad_s {self.end_pad_s!r} is invalid: it must not exceed min_silence_s "
                              f"({self.min_silence_s!r}), the silence seen before an utterance closes")
-        if self.max_utterance_s < max(self.min_speech_s, FRAME / RATE) + 2 * self.speech_pad_s:
+        if self.max_utterance_s < max(self.min_speech_s, FRAME / RATE) + self.speech_pad_s + self.end_pad_s:
             raise ValueError(f"max_utterance_s {self.max_utterance_s!r} is invalid: expected at least "
-                             f"min_speech_s + 2 * speech_pad_s")
+                             f"min_speech_s + speech_pad_s + end_pad_s")
         if self.empty_text not in EMPTY_TEXT_POLICIES:
             raise ValueError(f"empty_text {self.empty_text!r} is invalid: expected one of {', '.join(EMPTY_TEXT_POLICIES)}")
         if not isinstance(self.placeholder_text, str) or not self.placeholder_text.strip():
@@ -225,10 +228,10 @@ class LiveSession:
         self._score, self._text_for, self._text_span, self._clock = score, text_for, text_span, clock
         self._vad = vad or WebrtcVad(options.aggressiveness)
         self._resampler = None if stream.sample_rate == RATE else _resampler(stream.sample_rate)
-        pad = _samples(options.speech_pad_s)
+        pad, self._end_pad = _samples(options.speech_pad_s), _samples(options.end_pad_s)
         self._pad, self._min_speech = pad, _samples(options.min_speech_s)
         self._min_silence, self._max_len = _samples(options.min_silence_s), _samples(options.max_utterance_s)
-        self._audio = _Audio(self._max_len + 2 * pad + FRAME)
+        self._audio = _Audio(self._max_len + pad + self._end_pad + FRAME)
         self._bytes_rest = b""  # a sample frame split between two feeds
         self._rest = np.zeros(0, dtype=np.float32)  # 16 kHz samples short of a VAD frame
         self._t = 0  # 16 kHz samples through the VAD so far
@@ -289,7 +292,7 @@ class LiveSession:
                                   real=len(self._rest))
             self._rest = self._rest[:0]
         if self._open_id is not None:  # an open burst without an id is under min_speech_s: dropped
-            events += self._close(min(self._last_speech + self._pad, self._t), cut=False)
+            events += self._close(min(self._last_speech + self._end_pad, self._t), cut=False)
         while self._pending:
             events.append(self._scored(self._pending.popitem(last=False)[1]))
         return events
@@ -350,7 +353,7 @@ class LiveSession:
             if self._open_id is None:  # shorter than min_speech_s: dropped
                 self._speech_start = None
             else:
-                events += self._close(self._last_speech + self._pad, cut=False)
+                events += self._close(self._last_speech + self._end_pad, cut=False)
         if self._speech_start is not None and self._t - self._utt_start >= self._max_len:
             if self._open_id is None:
                 events.append(self._started())

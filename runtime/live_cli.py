@@ -42,7 +42,8 @@ def listen(
     threshold: float = typer.Option(0.5, help="VAD: a 30 ms frame is speech at this probability or more."),
     min_speech: float = typer.Option(0.25, help="VAD: shorter speech (s) is dropped."),
     min_silence: float = typer.Option(0.25, help="VAD: this much silence (s) ends an utterance."),
-    pad: float = typer.Option(0.03, help="VAD: audio (s) kept before and after the speech."),
+    pad: float = typer.Option(0.1, help="VAD: audio (s) kept before the speech."),
+    end_pad: float = typer.Option(0.03, help="VAD: audio (s) kept after the speech."),
     max_utterance: Optional[float] = typer.Option(None, help="Speech is cut at this length (s). "
                                                   "[default: the model's window]"),
     aggressiveness: int = typer.Option(2, help="webrtcvad mode, 0 (keeps most) .. 3 (drops most non-speech)."),
@@ -64,7 +65,8 @@ def listen(
 
     try:
         options = LiveOptions(threshold=threshold, min_speech_s=min_speech, min_silence_s=min_silence,
-                              speech_pad_s=pad, max_utterance_s=window if max_utterance is None else max_utterance,
+                              speech_pad_s=pad, end_pad_s=end_pad,
+                              max_utterance_s=window if max_utterance is None else max_utterance,
                               aggressiveness=aggressiveness, empty_text=empty_text, placeholder_text=placeholder)
     except ValueError as exc:
         fail(exc)

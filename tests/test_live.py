@@ -106,7 +106,7 @@ def test_stream_format_names_the_bad_field(fields, message):
 @pytest.mark.parametrize("fields, message", [
     ({"threshold": 0.0}, "threshold 0.0 is invalid"),
     ({"min_silence_s": float("nan")}, "min_silence_s nan is invalid"),
-    ({"speech_pad_s": 0.5}, "speech_pad_s 0.5 is invalid"),
+    ({"end_pad_s": 0.5}, "end_pad_s 0.5 is invalid"),
     ({"max_utterance_s": 0.2}, "max_utterance_s 0.2 is invalid"),
     ({"empty_text": "drop"}, "empty_text 'drop' is invalid"),
     ({"aggressiveness": 4}, "aggressiveness 4 is invalid"),
@@ -240,7 +240,7 @@ def test_dmf_listen_realtime_paces_the_file(conv, rt, tmp_path):
 def test_dmf_listen_refuses_bad_options_and_missing_sounddevice(conv, rt, tmp_path, monkeypatch):
     folder, truth, audio = conv
     for args, message in [((), "give --mic or --audio FILE"),
-                          (("--audio", folder / "conv.wav", "--pad", "0.5"), "speech_pad_s 0.5 is invalid"),
+                          (("--audio", folder / "conv.wav", "--end-pad", "0.5"), "end_pad_s 0.5 is invalid"),
                           (("--audio", tmp_path / "missing.wav"), "missing.wav"),
                           (("--audio", folder / "conv.wav", "--transcript", folder / "conv.wav"), "unknown transcript format")]:
         result = _invoke("listen", rt.artifact, *args)
