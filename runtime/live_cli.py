@@ -196,6 +196,8 @@ def _run(predictor, source: _Source, options, text_span, seconds: Optional[float
         except ValueError as exc:
             fail(exc)
         _add(events, session.finish(), view, source.name)
+    if not view.console.is_terminal:  # the last render ends without a newline off a terminal
+        view.console.line()
     return events
 
 
