@@ -179,7 +179,11 @@ def _run(predictor, source: _Source, options, text_span, seconds: Optional[float
 
     from .live import LiveSession
 
-    session = LiveSession(lambda a, t: predictor.predict(a, t, 16000), source.stream, options, text_span=text_span)
+    try:
+        session = LiveSession(lambda a, t: predictor.predict(a, t, 16000), source.stream, options,
+                              text_span=text_span)
+    except ImportError as exc:  # webrtcvad: the live extra
+        fail(exc)
     events: list = []
     fed, rate = 0, source.stream.sample_rate
     with Live(_table(events, source.name), console=console(stderr=False), refresh_per_second=4) as view:

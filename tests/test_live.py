@@ -248,6 +248,9 @@ def test_dmf_listen_refuses_bad_options_and_missing_sounddevice(conv, rt, tmp_pa
     monkeypatch.setitem(__import__("sys").modules, "sounddevice", None)  # import fails as when not installed
     result = _invoke("listen", rt.artifact, "--mic")
     assert result.exit_code == 2 and "--mic needs sounddevice" in result.output and "[mic]" in result.output
+    monkeypatch.setitem(__import__("sys").modules, "webrtcvad", None)
+    result = _invoke("listen", rt.artifact, "--audio", folder / "conv.wav")
+    assert result.exit_code == 2 and "need webrtcvad" in result.output and "[live]" in result.output
 
 
 def test_dmf_listen_mic_reads_sounddevice_blocks(conv, rt, tmp_path, monkeypatch):
