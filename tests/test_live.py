@@ -303,3 +303,15 @@ def test_dmf_bench_live_reports_latency_and_real_time_factor(rt, tmp_path):
     assert "cpu_line" in report["machine"] and "| p50 ms |" in result.output
     refused = _invoke("bench", rt.artifact, rt.artifact, "--live")
     assert refused.exit_code == 2 and "--live times one exported artifact" in refused.output
+
+
+def test_the_live_path_imports_no_torch(tmp_path):
+    """Live sessions, `dmf listen` and `dmf bench --live` (conversation included) run on a
+    runtime-only install: nothing on their path loads torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dmf.runtime.live, dmf.runtime.live_cli, dmf.bench.live, dmf.bench.cli; "
+            f"dmf.bench.live.write_conversation({str(tmp_path)!r}, 2); "
+            "assert not {'torch', 'transformers'} & set(sys.modules), sorted(m for m in sys.modules if 'torch' in m)")
+    subprocess.run([sys.executable, "-c", code], check=True)
