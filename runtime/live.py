@@ -125,7 +125,7 @@ class LiveOptions:
             raise ValueError(f"placeholder_text {self.placeholder_text!r} is invalid: expected non-blank text")
         if isinstance(self.max_pending, bool) or not isinstance(self.max_pending, int) or self.max_pending < 0:
             raise ValueError(f"max_pending {self.max_pending!r} is invalid: expected an integer >= 0")
-        if self.aggressiveness not in (0, 1, 2, 3):
+        if isinstance(self.aggressiveness, bool) or self.aggressiveness not in (0, 1, 2, 3):
             raise ValueError(f"aggressiveness {self.aggressiveness!r} is invalid: expected 0, 1, 2 or 3")
 
 

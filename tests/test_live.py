@@ -110,6 +110,7 @@ def test_stream_format_names_the_bad_field(fields, message):
     ({"max_utterance_s": 0.2}, "max_utterance_s 0.2 is invalid"),
     ({"empty_text": "drop"}, "empty_text 'drop' is invalid"),
     ({"aggressiveness": 4}, "aggressiveness 4 is invalid"),
+    ({"aggressiveness": True}, "aggressiveness True is invalid"),
 ])
 def test_live_options_name_the_bad_field(fields, message):
     with pytest.raises(ValueError) as err:
