@@ -62,7 +62,7 @@ CLOSE_CODES = {
     SLOW_CONSUMER: "the client left max_unsent_events events unread",
 }
 # Options a client may set in its start message; max_pending stays the server's (memory bound).
-CLIENT_OPTIONS = ("threshold", "min_speech_s", "min_silence_s", "speech_pad_s", "max_utterance_s", "text_wait_s",
+CLIENT_OPTIONS = ("threshold", "min_speech_s", "min_silence_s", "speech_pad_s", "end_pad_s", "max_utterance_s", "text_wait_s",
                   "empty_text", "placeholder_text", "aggressiveness")
 MAX_REASON_BYTES = 123  # a close frame's payload is 125 bytes, 2 of them the code
 POLL_S = 0.1  # how often a quiet stream with utterances waiting for text is polled
