@@ -459,13 +459,15 @@ def serve(
     max_recording_seconds: float = typer.Option(ServeOptions.max_recording_seconds, "--max-recording-seconds", help="Longest recording for /v1/conversation, s."),
     timeout: float = typer.Option(ServeOptions.request_timeout_s, "--timeout", help="Per request, s: body (else 408) and result (else 503)."),
     max_queue: int = typer.Option(ServeOptions.max_queue, "--max-queue", help="Predict requests at once; one more gets 503."),
+    max_streams: int = typer.Option(ServeOptions.max_streams, "--max-streams", help="/v1/stream: live streams at once; one more is closed with 1013."),
     grace: float = typer.Option(ServeOptions.grace_s, "--grace", help="On SIGTERM, s before unanswered requests get 503."),
     engine: str = typer.Option("auto", "--engine", help="auto (the fastest the artifact, installed packages and CPU allow), onnx, openvino or trt."),
     providers: Optional[str] = typer.Option(None, "--providers", help="ORT providers, e.g. cuda,cpu."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
-    """Serve predictions over HTTP: POST /v1/predict, POST /v1/conversation, GET /healthz, GET /metrics."""
+    """Serve predictions over HTTP (POST /v1/predict, POST /v1/conversation, GET /healthz, GET /metrics,
+    GET /openapi.json), live streams over a WebSocket (/v1/stream) and the /live page."""
     try:
         import python_multipart  # noqa: F401
         import starlette  # noqa: F401
@@ -478,7 +480,7 @@ def serve(
         options = ServeOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb,
                                max_clip_seconds=max_clip_seconds, max_recording_seconds=max_recording_seconds,
                                workers=workers, request_timeout_s=timeout,
-                               max_queue=max_queue, grace_s=grace)
+                               max_queue=max_queue, max_streams=max_streams, grace_s=grace)
     except ValueError as exc:
         fail(exc)
     if max_wait_ms > MAX_WAIT_MS:  # the batcher's own bound, checked before the model loads

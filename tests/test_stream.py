@@ -417,3 +417,11 @@ def test_a_stream_that_ends_with_its_writes_stuck_has_its_socket_aborted(paused)
 
     transport = asyncio.run(run())
     assert transport.close.called and transport.abort.called == paused
+
+
+def test_serve_takes_the_stream_limit_from_the_command_line(rt):
+    """--max-streams reaches ServeOptions: a value that cannot hold is refused in one line before the model loads."""
+    from conftest_runtime import run_cli
+
+    code, out = run_cli("serve", rt.artifact, "--max-streams", "0")
+    assert code == 2 and "max_streams = 0 is invalid" in out and len(out.strip().splitlines()) == 1, out
