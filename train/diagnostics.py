@@ -17,6 +17,8 @@ Two kinds of figures go into each epoch's entry of `foldK/metrics.json` ("histor
 
 from __future__ import annotations
 
+import io
+import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +26,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from dmf.config import ConfigError
+from dmf.fileio import atomic_write_bytes
 from dmf.loss import memory_similarity
 
 GRAD_GROUPS = ("reader", "composer", "writer", "network")  # parameter groups whose gradient norm is logged
@@ -213,14 +217,10 @@ def _series(history: list[dict], path: tuple[str, ...]) -> list[float]:
 def plot_diagnostics(runs: dict[str, dict], path: str | Path) -> Path:
     """PNG of the logged figures per epoch, one column per run ({label: fold metrics.json}), one
     row per quantity; written atomically."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dmf.fileio import atomic_write_bytes
 
     fig, axes = plt.subplots(len(PANELS), len(runs), figsize=(4.2 * len(runs), 2.1 * len(PANELS)), dpi=100,
                              squeeze=False, sharex="col")
@@ -248,10 +248,6 @@ def plot_diagnostics(runs: dict[str, dict], path: str | Path) -> Path:
 
 def load_fold_metrics(path: str | Path) -> dict:
     """A fold's metrics.json (or the fold folder holding it); ConfigError when it is missing or unreadable."""
-    import json
-
-    from dmf.config import ConfigError
-
     path = Path(path)
     path = path / "metrics.json" if path.is_dir() else path
     try:
@@ -263,7 +259,6 @@ def load_fold_metrics(path: str | Path) -> dict:
 def main(folds: list[str], out: Path) -> None:
     """`python -m dmf.train.diagnostics LABEL=FOLD_DIR ... --out diag.png`."""
     from dmf.cliutil import fail
-    from dmf.config import ConfigError
 
     try:
         runs = {}
