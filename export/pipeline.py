@@ -321,17 +321,21 @@ def _check_parity(job: _Job, vs_torch, kind: str, what: str) -> None:
         report.tolerance = V.FP32_ATOL
         _gate(V.parity_failure(vs_torch, V.FP32_ATOL, what))
         return
-    _gate(_broken_graph(vs_torch, what))
+    _gate(_broken_graph(vs_torch, what, judged_on_clips=_has_gate_data(job)))
     report.tolerance, report.verify_min_agreement = None, V.MIN_VERIFY_AGREEMENT
     if job.options.precision == "int8":  # the key dmf.json had before every precision was gated alike
         report.int8_verify_agreement = vs_torch.argmax_agreement
 
 
-def _broken_graph(vs_torch, what: str) -> str | None:
-    """A reduced graph's failure on the verify inputs: non-finite output or agreement near chance."""
+def _broken_graph(vs_torch, what: str, judged_on_clips: bool) -> str | None:
+    """A reduced graph's failure on the verify inputs: non-finite output, or agreement near chance
+    when no real clips will judge it. With real clips the accuracy gate decides: on a trained
+    model the seeded noise inputs are often near-ties (fold 2 of the demo corpus: 16 of 112 real
+    clips are), so 8 of them would refuse an export the real clips could accept, or refuse a bad
+    one without its figures."""
     if not np.isfinite(vs_torch.max_abs_diff):
         return f"{what} failed verification: non-finite log-probs"
-    if vs_torch.argmax_agreement < V.MIN_VERIFY_AGREEMENT:
+    if not judged_on_clips and vs_torch.argmax_agreement < V.MIN_VERIFY_AGREEMENT:
         return (f"{what} failed verification: argmax agreement with fp32 {vs_torch.argmax_agreement:.3f} "
                 f"< {V.MIN_VERIFY_AGREEMENT} on the verify inputs")
     return None
