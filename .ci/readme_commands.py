@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     copy.mkdir()
     fresh_copy(copy)
     if not install_is_current(copy):
+        shutil.rmtree(work, ignore_errors=True)
         print("readme-commands: .venv is older than pyproject.toml: run `make install` first", file=sys.stderr)
         return 2
     status = run_all(blocks, copy, set(args.skip))
