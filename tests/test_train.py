@@ -16,8 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from dmf.config import ConfigError, preset
-from dmf.data.corpus import Corpus, Utterance, load_corpus
-from dmf.data.synth import synthesize
+from dmf.data.corpus import Corpus, Utterance
 from dmf.model import DMFModel
 from dmf.train import trainer
 from dmf.train.cli import build_config
@@ -107,16 +106,6 @@ def test_epoch_batches_drop_a_last_batch_of_one():
 # -------------------------------------------------------------------------------------- integration
 
 
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "synth"
-    synthesize(path, seed=0, utterances=48)
-    return path
-
-
-@pytest.fixture(scope="module")
-def corpus(corpus_dir) -> Corpus:
-    return load_corpus(corpus_dir)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ import pytest
 import torch
 
 from dmf.config import ConfigError, preset
-from dmf.data.corpus import load_corpus
-from dmf.data.synth import synthesize
 from dmf.fusion import MemoryReader
 from dmf.model import DMFModel
 from dmf.train import diagnostics
@@ -29,16 +27,6 @@ def tiny_config(**train):
     return cfg.replace("train", **values)
 
 
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "synth"
-    synthesize(path, seed=0, utterances=48)
-    return path
-
-
-@pytest.fixture(scope="module")
-def corpus(corpus_dir):
-    return load_corpus(corpus_dir)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ Two kinds of figures go into each epoch's entry of `foldK/metrics.json` ("histor
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -27,7 +26,6 @@ import torch
 from torch import nn
 
 from dmf.config import ConfigError
-from dmf.fileio import atomic_write_bytes
 from dmf.loss import memory_similarity
 
 GRAD_GROUPS = ("reader", "composer", "writer", "network")  # parameter groups whose gradient norm is logged
@@ -222,6 +220,8 @@ def plot_diagnostics(runs: dict[str, dict], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dmf.train.metrics import save_png
+
     fig, axes = plt.subplots(len(PANELS), len(runs), figsize=(4.2 * len(runs), 2.1 * len(PANELS)), dpi=100,
                              squeeze=False, sharex="col")
     for col, (label, metrics) in enumerate(runs.items()):
@@ -238,12 +238,7 @@ def plot_diagnostics(runs: dict[str, dict], path: str | Path) -> Path:
             if col == 0:
                 ax.legend(fontsize=6, loc="best")
         axes[-1][col].set_xlabel("epoch", fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    return Path(path)
+    return save_png(fig, path)
 
 
 def load_fold_metrics(path: str | Path) -> dict:

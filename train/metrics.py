@@ -79,6 +79,13 @@ def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], path:
         for j in ticks:
             ax.text(j, i, str(int(counts[i, j])), ha="center", va="center",
                     color="white" if counts[i, j] > threshold else "black")
+    return save_png(fig, path)
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Lay out and render a matplotlib figure, write it atomically (never half a PNG), close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
