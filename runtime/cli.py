@@ -258,7 +258,7 @@ def predict(
     audio: Optional[Path] = typer.Option(None, "--audio", help="One audio file (WAV, FLAC, ...)."),
     text: Optional[str] = typer.Option(None, "--text", help="Its transcript."),
     manifest: Optional[str] = typer.Option(None, "--manifest", help="CSV/TSV/JSONL with audio, text[, id] (with --ray also Parquet, or any URI Ray reads)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Manifest or --transcript output: .csv, .jsonl or .ndjson."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Manifest or --transcript output: .csv, .jsonl, .ndjson or .parquet (needs pyarrow)."),
     as_json: bool = typer.Option(False, "--json", help="Print the single prediction as JSON."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="One clip: show only the K most probable labels (with --json: a top_k list)."),
     engine: str = typer.Option("auto", "--engine", help="auto (the fastest the artifact, installed packages and CPU allow), onnx, openvino or trt."),
@@ -420,6 +420,8 @@ def _predict_conversation_list(load: LoadRequest, conversations: Path, out, poli
         fail(f"--policy {policy!r} is invalid: expected one of {', '.join(POLICIES)}")
     try:
         kind = check_output(out, protect=conversations, what="conversation list")
+        if kind == "parquet":
+            raise OutputError(f"{out}: a conversation list is written as .csv or .jsonl (Parquet: per recording, --transcript)")
         rows = dray.pair_rows(conversations)
     except ManifestError as exc:
         fail(f"{conversations}: {len(exc.problems)} bad row(s); nothing was predicted", exc.problems)

@@ -239,6 +239,20 @@ def test_cli_conversation_takes_every_output_type_a_manifest_takes(call, rt, tmp
         assert [json.loads(line)["text"] for line in lines] == [s.text for s in segs]
 
 
+def test_cli_conversation_writes_parquet_with_the_csv_columns(call, rt, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet", reason="Parquet output needs pyarrow (the [ray] extra)")
+    root, segs = call
+    for name in ("turns.csv", "turns.parquet"):
+        code, output = _invoke("predict", rt.artifact, "--audio", root / "call.wav", "--transcript", root / "call.json",
+                               "--out", tmp_path / name, "--threads", 1, "--no-progress")
+        assert code == 0, output
+    table = pq.read_table(tmp_path / "turns.parquet")
+    header = (tmp_path / "turns.csv").read_text().splitlines()[0].split(",")
+    assert table.column_names == header and table.num_rows == len(segs)
+    assert table.column("text").to_pylist() == [s.text for s in segs]
+    assert str(table.schema.field("start").type) == "double" and str(table.schema.field("truncated").type) == "bool"
+
+
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_cli_bad_transcripts_exit_2_and_write_nothing(call, rt, tmp_path, case):
     root, _ = call

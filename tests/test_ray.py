@@ -5,6 +5,7 @@ byte, a killed actor must lose and duplicate nothing, and a bad row must stay al
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 
@@ -177,3 +178,24 @@ def test_ray_refused_before_anything_runs(rt, tmp_path):
     code, output = _invoke("predict", rt.artifact, "--manifest", "m.csv", "--out", tmp_path / "o.csv",
                            "--ray", "--actors", 0)
     assert code == 2 and "--actors 0 is invalid" in output
+
+
+def test_parquet_output_holds_the_csv_rows_one_process_and_on_ray(cluster, rt, manifest, single, tmp_path):
+    """--out .parquet: the CSV's columns, typed (probabilities float64, a bad row's label and
+    probabilities null, its message in error), the same rows through one process and through Ray."""
+    import pyarrow.parquet as pq
+
+    one, on_ray = tmp_path / "one.parquet", tmp_path / "ray.parquet"
+    assert _invoke("predict", rt.artifact, "--manifest", manifest[0], "--out", one, "--no-progress")[0] == 2
+    assert _invoke("predict", rt.artifact, "--manifest", manifest[0], "--out", on_ray, "--ray", "--actors", 2,
+                   "--batch-size", 4, "--no-progress")[0] == 2
+    expected = list(csv.DictReader(io.StringIO(single["csv"][2].decode("utf-8"), newline="")))
+    for path in (one, on_ray):
+        table = pq.read_table(path)
+        assert table.column_names == list(expected[0]) and str(table.schema.field("prob_neu").type) == "double"
+        got = table.to_pylist()
+        assert [r["id"] for r in got] == [r["id"] for r in expected]
+        for row, want in zip(got, expected):
+            assert (row["label"] or "") == want["label"] and (row["error"] or "") == want["error"]
+            assert row["prob_hap"] is None if not want["label"] else abs(row["prob_hap"] - float(want["prob_hap"])) < 1e-6
+    assert pq.read_table(one).equals(pq.read_table(on_ray))
