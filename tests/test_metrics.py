@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dmf.train.loso import loso_average, pooled_metrics
-from dmf.train.metrics import compute_metrics, plot_confusion
+from dmf.train.metrics import compute_metrics, confusion_title, plot_confusion
 
 LABELS = ("neu", "hap", "sad")
 # Hand-computed example. Confusion (rows true, cols predicted): [[3,1,0],[1,1,0],[0,1,1]].
@@ -66,3 +66,9 @@ def test_confusion_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert [p.name for p in tmp_path.iterdir()] == ["c.png"]  # no temp file left behind
+
+
+def test_confusion_titles_name_the_fusion():
+    """The demo trains memory and naive fusion on the same fold: their figures must not share a title."""
+    memory, naive = (confusion_title(f, 1, "Ses01", 0.6125) for f in ("memory", "naive"))
+    assert memory == "memory fusion, fold 1 (test Ses01): UA 61.3%" and naive.startswith("naive fusion,")

@@ -24,7 +24,7 @@ from dmf.data.corpus import Corpus, DataError
 from dmf.fileio import atomic_write_json, atomic_write_text
 from dmf.train import distributed
 from dmf.train.dataset import AudioCache, check_fold, loso_split
-from dmf.train.metrics import compute_metrics, plot_confusion
+from dmf.train.metrics import compute_metrics, confusion_title, plot_confusion
 from dmf.train.report import render_report
 from dmf.train.trainer import FitOptions, clear_resume, fit
 
@@ -61,7 +61,7 @@ def run_fold(config: DMFConfig, corpus: Corpus, fold: int, out_dir: Path, audio:
     if not main:
         return metrics
     plot_confusion(metrics["confusion"], metrics["labels"], fold_dir / "confusion.png",
-                   title=f"fold {fold} (test {split.test_session}): UA {100 * metrics['ua']:.1f}%")
+                   title=confusion_title(config.model.fusion, fold, split.test_session, metrics["ua"]))
     atomic_write_json(done, metrics)
     clear_resume(fold_dir)
     return metrics

@@ -55,6 +55,12 @@ def compute_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequen
     }
 
 
+def confusion_title(fusion: str, fold: int, test_session: str, ua: float) -> str:
+    """A fold's confusion-matrix title; it names the fusion, so the memory and naive figures of the
+    same fold (the demo trains both) can be told apart."""
+    return f"{fusion} fusion, fold {fold} (test {test_session}): UA {100 * ua:.1f}%"
+
+
 def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path,
                    title: str = "") -> Path:
     """Confusion matrix PNG in the style of the paper's Fig. 3 (counts annotated), written atomically."""
