@@ -451,9 +451,21 @@ def require_matplotlib() -> None:
         raise ImportError("--plot needs matplotlib (`pip install matplotlib`; it is not a runtime dependency)")
 
 
+def opacity(probability: float, chance: float) -> float:
+    """A turn's bar opacity: 0.25 at chance (a label the model barely prefers looks faint) to 1 when certain."""
+    sure = (probability - chance) / (1.0 - chance) if chance < 1 else 1.0
+    return 0.25 + 0.75 * min(max(sure, 0.0), 1.0)
+
+
+def opacity_key(chance: float) -> list[tuple[float, float]]:
+    """The timeline legend's opacity key: (probability, opacity) at chance, halfway and certain."""
+    return [(prob, opacity(prob, chance)) for prob in (chance, (chance + 1.0) / 2, 1.0)]
+
+
 def plot_timeline(conversation: Conversation, path: str | Path) -> None:
     """An emotion timeline PNG: time on x, one lane per speaker, a bar per turn coloured by its
-    label, opacity by its probability (chance: faint, 1: solid); a legend of labels. Written atomically."""
+    label, opacity by its probability (chance: faint, 1: solid); a legend of labels and of opacity
+    (opacity_key). Written atomically."""
     require_matplotlib()
     import matplotlib
 
@@ -470,17 +482,16 @@ def plot_timeline(conversation: Conversation, path: str | Path) -> None:
     span = max((t.segment.end for t in turns), default=1.0)
     for t in turns:
         lane, p = speakers.index(t.segment.speaker or "?"), t.prediction
-        # opacity spans chance (faint) .. certain (solid): a label the model barely prefers looks it
-        sure = (p.probabilities[p.label] - chance) / (1.0 - chance) if chance < 1 else 1.0
         ax.barh(lane, t.segment.end - t.segment.start, left=t.segment.start, height=0.7,
-                color=colours[p.label], alpha=0.25 + 0.75 * sure, edgecolor="none")
+                color=colours[p.label], alpha=opacity(p.probabilities[p.label], chance), edgecolor="none")
         if t.segment.end - t.segment.start > span / 60:  # wide enough to name its label
             ax.text((t.segment.start + t.segment.end) / 2, lane, p.label, ha="center", va="center", fontsize=7)
     ax.set_yticks(range(len(speakers)), speakers)
     ax.invert_yaxis()
     ax.set_xlabel("time (s)")
     ax.set_title("emotion by turn (opacity: confidence, from chance to certain)")
-    ax.legend(handles=[Patch(color=colours[x], label=x) for x in labels], loc="upper left",
+    key = [Patch(color="grey", alpha=alpha, label=f"p {prob:.2f}") for prob, alpha in opacity_key(chance)]
+    ax.legend(handles=[Patch(color=colours[x], label=x) for x in labels] + key, loc="upper left",
               bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
     try:

@@ -336,3 +336,11 @@ def test_http_recording_limit_and_bad_forms(call, client, predictor):
 def test_cli_serve_refuses_a_bad_recording_limit(rt):
     code, output = _invoke("serve", rt.artifact, "--max-recording-seconds", 0)
     assert code == 2 and "max_recording_seconds = 0.0 is invalid" in output, output
+
+
+def test_the_timeline_key_shows_the_opacity_its_bars_use():
+    """The legend explains opacity with the same mapping the bars use: chance faint, certain solid."""
+    key = conv.opacity_key(0.25)
+    assert [p for p, _ in key] == [0.25, 0.625, 1.0]
+    assert [a for _, a in key] == [conv.opacity(p, 0.25) for p, _ in key] == [0.25, 0.625, 1.0]
+    assert conv.opacity(0.1, 0.25) == 0.25  # below chance is never more transparent than the key's faintest
