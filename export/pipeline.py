@@ -77,24 +77,36 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
         from dmf.export.tensorrt import require_tensorrt
 
         require_tensorrt()  # before any heavy work: no GPU, no plan
-    agreement = _load_agreement(options)
+    model, clips = _load_with_clips(checkpoint, options, step)
+    _build_and_commit(model, checkpoint, out_dir, options, clips, step)
+    return out_dir
 
+
+def _load_with_clips(checkpoint: Path, options: ExportOptions, step) -> tuple[Any, dict | None]:
+    """The model, and the real clips reduced precisions calibrate and are gated on (None without
+    --calibration / --agreement-data); too few gate clips are refused here, before the long steps."""
+    agreement = _load_agreement(options)
     step("load")
     model = _load(checkpoint)
-    cfg = model.model_config
-    weights_sha = C.sha256_file(checkpoint / C.WEIGHTS_FILE)
     if agreement is not None:
-        _check_agreement_shapes(agreement, cfg)
+        _check_agreement_shapes(agreement, model.model_config)
     if options.calibration is not None:
         step("calibration")
         agreement = _calibration_data(options, model, checkpoint, agreement)
     _check_gate_clips(agreement, options)
+    return model, agreement
 
+
+def _build_and_commit(model, checkpoint: Path, out_dir: Path, options: ExportOptions, clips: dict | None,
+                      step) -> None:
+    """Build into a staging folder beside out_dir and swap it in (with the Triton repository) only
+    when every check has passed; on any failure nothing is left behind."""
+    weights_sha = C.sha256_file(checkpoint / C.WEIGHTS_FILE)
     staging = stage_dir(out_dir)
     work = stage_dir(out_dir.with_name(out_dir.name + ".work"))
     triton = None
     try:
-        model_file, parity = _build(model, checkpoint, work, options, agreement, step)
+        model_file, parity = _build(model, checkpoint, work, options, clips, step)
         step("write")
         _write(staging, model, checkpoint, model_file, parity, weights_sha, options)
         if options.triton_dir is not None:  # built from the staged artifact itself
@@ -112,7 +124,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return out_dir
 
 
 def _options(options: ExportOptions | None, fields: dict[str, Any]) -> ExportOptions:
