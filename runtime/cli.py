@@ -297,23 +297,25 @@ def predict(
         if batch_size < 1:
             fail(f"--batch-size {batch_size} is invalid: expected an integer >= 1")
         segments = _conversation_plan(audio, text, manifest, out, plot, policy, transcript)
-        predictor = _load_predictor(artifact, engine, providers, threads, max_clip_seconds)
-        _predict_conversation(predictor, audio, transcript, segments, out, plot, policy,
+        _predict_conversation(_predictor(load), audio, transcript, segments, out, plot, policy,
                               (max_recording_seconds, batch_size), progress)
         return
     if plot is not None:
         fail("--plot goes with --audio RECORDING --transcript FILE")
     _check_predict_args(audio, text, manifest, out, batch_size)
     if manifest is None:
-        _predict_one(_load_predictor(artifact, engine, providers, threads, max_clip_seconds), audio, text, as_json, top_k)
+        _predict_one(_predictor(load), audio, text, as_json, top_k)
         return
     if ray_opts is not None:
         _predict_manifest_ray(load, manifest, out, ray_opts)
         return
-    manifest = Path(manifest)
-    rows, kind = _manifest_plan(manifest, out)
-    predictor = _load_predictor(artifact, engine, providers, threads, max_clip_seconds)
-    _predict_manifest(predictor, rows, out, kind, batch_size, progress)
+    rows, kind = _manifest_plan(Path(manifest), out)
+    _predict_manifest(_predictor(load), rows, out, kind, batch_size, progress)
+
+
+def _predictor(load: "LoadRequest"):
+    """The Predictor for the command line's artifact options (one-line error and exit 2 otherwise)."""
+    return _load_predictor(load.artifact, load.engine, load.providers, load.threads, load.max_clip_seconds)
 
 
 # ------------------------------------------------------------------- predict --ray, --conversations
