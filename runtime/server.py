@@ -696,6 +696,13 @@ def _capacity_reply(cap: int) -> bytes:
             "connection: close\r\n\r\n").encode() + body
 
 
+def _answer_and_close(transport, metrics: ServerMetrics, status: int, raw: bytes) -> None:
+    """A reply the server wrote itself (no app ran), counted in /metrics; then the connection closes."""
+    metrics.record(status, 0.0)
+    transport.write(raw)
+    transport.close()
+
+
 def _protocol(opts: ServeOptions, metrics: ServerMetrics):
     """uvicorn's h11 protocol with a header deadline, a connection cap that sheds idle keep-alive
     connections first, and JSON answers to malformed or oversized request heads (see above)."""
@@ -734,19 +741,13 @@ def _protocol(opts: ServeOptions, metrics: ServerMetrics):
         def handle_websocket_upgrade(self, event) -> None:
             """A WebSocket handshake on a connection refused at the cap gets the 503 (not the upgrade)."""
             if self.app is at_capacity:
-                metrics.record(503, 0.0)
-                self.transport.write(_capacity_reply(cap))
-                self.transport.close()
-                return
+                return _answer_and_close(self.transport, metrics, 503, _capacity_reply(cap))
             super().handle_websocket_upgrade(event)
 
         def send_400_response(self, msg: str) -> None:
             """h11 refused the request head: 431 when its buffer of incomplete headers outgrew
             MAX_HEADER_BYTES, else 400; JSON like every other error, and the connection closes."""
-            status, raw = _head_error(len(self.conn.trailing_data[0]) > MAX_HEADER_BYTES)
-            metrics.record(status, 0.0)
-            self.transport.write(raw)
-            self.transport.close()
+            _answer_and_close(self.transport, metrics, *_head_error(len(self.conn.trailing_data[0]) > MAX_HEADER_BYTES))
 
         def _make_room(self) -> bool:
             return _make_room(self, self.connections, cap)
