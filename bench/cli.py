@@ -75,20 +75,26 @@ def bench(
         return
     if bool(artifacts) == bool(preset):
         fail("give artifact dirs or --preset paper|tiny (one of the two)")
+    timing = dict(warmup=warmup, min_runs=min_runs, min_seconds=min_seconds)
+    options = _bench_options(quick, engines, batch_sizes, fusion, timing,
+                             dict(threads=threads, head=head, head_threads=head_threads))
+    _bench(list(artifacts or []), preset, options, out, cache, use_cache=not no_cache)
+
+
+def _bench_options(quick: bool, engines, batch_sizes, fusion, timing: dict, fields: dict):
+    """BenchOptions from the command line: --quick's engines and rounds unless given explicitly
+    (`timing`: warmup / min_runs / min_seconds, None where not given)."""
     from dmf.bench.bench import BenchOptions
     from dmf.bench.measure import TimingOptions
 
     base = QUICK_TIMING if quick else TimingOptions()
-    timing = TimingOptions(warmup=base.warmup if warmup is None else warmup,
-                           min_runs=base.min_runs if min_runs is None else min_runs,
-                           min_seconds=base.min_seconds if min_seconds is None else min_seconds)
+    rounds = TimingOptions(**{k: getattr(base, k) if v is None else v for k, v in timing.items()})
     chosen = _csv(engines) if engines else (QUICK_ENGINES if quick else DEFAULT_ENGINES)
     try:
-        options = BenchOptions(engines=chosen, batch_sizes=_csv(batch_sizes, int), fusions=_csv(fusion),
-                               threads=threads, head=head, head_threads=head_threads, timing=timing)
+        return BenchOptions(engines=chosen, batch_sizes=_csv(batch_sizes, int), fusions=_csv(fusion),
+                            timing=rounds, **fields)
     except BenchError as exc:
         fail(exc)
-    _bench(list(artifacts or []), preset, options, out, cache, use_cache=not no_cache)
 
 
 def _bench(artifacts: list[Path], preset: str | None, options, out: Path | None, cache: Path | None,
