@@ -147,6 +147,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max global grad norm (--clip-grad); 0: no clipping, as in the paper
     precision: str = "fp32"  # fp32 | bf16 (autocast over encoders and classifier; fp32 weights, memory, CBP, loss)
     patience: int = 3  # early stopping: epochs without validation UA improvement
+    recalibrate_batchnorm: bool = False  # before each validation, BatchNorm statistics from the training rows in eval mode
     seed: int = 0  # seeds torch, numpy and the data order
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
 

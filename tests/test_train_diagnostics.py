@@ -203,3 +203,60 @@ def test_plot_command_draws_runs_and_names_a_missing_fold(logged_run, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missing = subprocess.run(command[:3] + [str(tmp_path / "nowhere"), "--out", str(out)], capture_output=True, text=True)
     assert missing.returncode == 2 and "nowhere" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------- BatchNorm recalibration (#28)
+
+
+def _random_rows(cfg, n: int, seed: int = 0) -> "Batchable":
+    from dmf.train.dataset import Batchable
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = cfg.model.max_tokens
+    return Batchable(audio=torch.randn(n, cfg.model.max_audio_samples, generator=g) * 0.1,
+                     input_ids=torch.randint(5, 60, (n, tokens), generator=g),
+                     attention_mask=torch.ones(n, tokens, dtype=torch.long),
+                     labels=torch.randint(0, len(cfg.model.labels), (n,), generator=g), ids=[str(i) for i in range(n)])
+
+
+def test_recalibrated_batchnorm_holds_the_statistics_evaluation_sees():
+    """After recalibration each composer BatchNorm's running mean / variance are the averages of
+    the per-batch mean / unbiased variance of its inputs in eval mode (noiseless read, dropout off),
+    the memory is not written, and momentum and eval mode are restored."""
+    from dmf.train import distributed
+    from dmf.train.trainer import recalibrate_batchnorm
+
+    cfg = tiny_config()
+    model = DMFModel(cfg, texts=["a b c"], pretrained=False)
+    data = _random_rows(cfg, 12)
+    model.train()
+    model(*data.rows(torch.arange(4))[:3])  # a training forward: writes memory, moves the running stats
+    norms = (model.fusion.composer.norm1, model.fusion.composer.norm2)
+    memory = [b.clone() for name, b in model.named_buffers() if "memory" in name]
+    recalibrate_batchnorm(model, data, 4, distributed.Context())
+    assert not model.training and all(n.momentum == 0.1 for n in norms)
+    assert all(torch.equal(a, b) for a, b in zip(memory, [b for name, b in model.named_buffers() if "memory" in name]))
+    handles, captured = diagnostics._capture_inputs(norms)
+    with torch.no_grad():
+        for index in torch.arange(12).split(4):
+            model(*data.rows(index)[:3])
+    for h in handles:
+        h.remove()
+    for norm, inputs in zip(norms, captured):
+        assert len(inputs) == 3  # three eval batches of 4
+        torch.testing.assert_close(norm.running_mean, torch.stack([x.mean(0) for x in inputs]).mean(0))
+        torch.testing.assert_close(norm.running_var, torch.stack([x.var(0) for x in inputs]).mean(0))
+        assert batchnorm_stats(norm, torch.cat(inputs), 4)["mean_shift"] < 1.0
+
+
+def test_training_recalibrates_before_each_validation_when_asked(corpus, tmp_path, monkeypatch):
+    from dmf.train import trainer
+
+    calls = []
+    monkeypatch.setattr(trainer, "recalibrate_batchnorm", lambda model, data, bs, ctx: calls.append((len(data), bs)))
+    run_training(tiny_config(), corpus, tmp_path / "off", [1], options=FitOptions(progress=False, checkpoint_every=0))
+    assert calls == []
+    run_training(tiny_config(recalibrate_batchnorm=True), corpus, tmp_path / "on", [1],
+                 options=FitOptions(progress=False, checkpoint_every=0))
+    metrics = json.loads((tmp_path / "on" / "fold1" / "metrics.json").read_text())
+    assert calls == [(metrics["n_train"], 4)] * 2  # once per epoch, over the training rows

@@ -157,6 +157,32 @@ def evaluate(model: DMFModel, data: Batchable, batch_size: int = 16) -> dict:
     return metrics
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: DMFModel, data: Batchable, batch_size: int, ctx: distributed.Context) -> None:
+    """Re-estimate every BatchNorm's running statistics from `data` as evaluation sees it: the
+    noiseless read of the current memory, dropout off, nothing written; each batch weighs the same
+    (momentum None). Training's running averages are gathered from Gumbel reads of a memory that is
+    rewritten at every step and trail it (docs/results.md, 'What the logged quantities show').
+    Every rank calls this with its shard of the same batches: the composer's BatchNorm all-reduces."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+        norm.train()
+    device = _device_of(model)
+    in_order = list(torch.arange(len(data)).split(batch_size * ctx.world_size))
+    for index in distributed.shard_batches(in_order, ctx.rank, ctx.world_size):
+        audio, ids, mask, _ = (t.to(device) for t in data.rows(index))
+        model(audio, ids, mask)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+        norm.eval()
+
+
 # --------------------------------------------------------------------------------------- resume
 
 
@@ -349,6 +375,8 @@ def end_epoch(run: _Run) -> dict:
     """Validate, keep the best checkpoint, update early stopping, record history. In a multi-process
     run rank 0 does this alone (eval never writes memory) and the others take its state: they wait
     for it in the broadcast."""
+    if run.config.train.recalibrate_batchnorm:
+        recalibrate_batchnorm(run.model, run.train, run.config.train.batch_size, run.ctx)
     if run.ctx.is_main:
         entry = _end_epoch_main(run)
     else:
