@@ -254,9 +254,10 @@ def test_training_recalibrates_before_each_validation_when_asked(corpus, tmp_pat
 
     calls = []
     monkeypatch.setattr(trainer, "recalibrate_batchnorm", lambda model, data, bs, ctx: calls.append((len(data), bs)))
-    run_training(tiny_config(), corpus, tmp_path / "off", [1], options=FitOptions(progress=False, checkpoint_every=0))
-    assert calls == []
-    run_training(tiny_config(recalibrate_batchnorm=True), corpus, tmp_path / "on", [1],
+    run_training(tiny_config(recalibrate_batchnorm=False), corpus, tmp_path / "off", [1],
                  options=FitOptions(progress=False, checkpoint_every=0))
+    assert calls == []
+    assert preset("tiny").train.recalibrate_batchnorm and not preset("paper").train.recalibrate_batchnorm
+    run_training(tiny_config(), corpus, tmp_path / "on", [1], options=FitOptions(progress=False, checkpoint_every=0))
     metrics = json.loads((tmp_path / "on" / "fold1" / "metrics.json").read_text())
     assert calls == [(metrics["n_train"], 4)] * 2  # once per epoch, over the training rows
